@@ -1,0 +1,3 @@
+from lit_gpt_char.cli import main
+
+main()

@@ -1,0 +1,109 @@
+"""SampleTextCallback: what the model writes, as it trains, on stdout and in TensorBoard."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lit_gpt_char.data import CharTokenizer
+from lit_gpt_char.errors import LitGPTCharError
+
+
+class SampleTextCallback(Callback):
+    """Every ``every_n_steps`` optimizer steps, rank 0 samples text from the model, prints it and logs it.
+
+    Sampling uses its own seeded generator (the same seed each time, so samples from different
+    steps differ only by what the model learned) and the KV-cache generator; the training RNG is
+    untouched. At the end of fit a longer sample is printed and logged, like the lecture's final
+    ``generate``.
+
+    Args:
+        every_n_steps: Steps between samples; 0 disables the periodic samples.
+        prompt: Text the samples continue; every character must be in the vocabulary
+            ("\\n" by default: the lecture starts from token 0, which is the newline).
+        max_new_tokens: Characters per periodic sample.
+        final_max_new_tokens: Characters of the sample at the end of fit; 0 disables it.
+        temperature: Softmax temperature; 0 picks the most likely character.
+        top_k: Sample only among the k most likely characters (unset: all).
+        seed: Seed of the sampling generator.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        prompt: str = "\n",
+        max_new_tokens: int = 200,
+        final_max_new_tokens: int = 2000,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        seed: int = 1337,
+    ) -> None:
+        if every_n_steps < 0 or max_new_tokens < 0 or final_max_new_tokens < 0:
+            raise LitGPTCharError("sampling: every_n_steps, max_new_tokens and final_max_new_tokens must be >= 0")
+        if temperature < 0:
+            raise LitGPTCharError(f"sampling: temperature must be >= 0 (0 = greedy), got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise LitGPTCharError(f"sampling: top_k must be >= 1 (or unset), got {top_k}")
+        if not prompt:
+            raise LitGPTCharError('sampling: the prompt is empty; use "\\n" to start from a new line')
+        self.every_n_steps = every_n_steps
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.final_max_new_tokens = final_max_new_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.seed = seed
+        self._last_step = -1
+
+    def check_prompt(self, tokenizer: CharTokenizer) -> None:
+        """Fail now, not at step N, if the prompt has a character outside the vocabulary."""
+        try:
+            tokenizer.encode(self.prompt)
+        except LitGPTCharError as err:
+            raise LitGPTCharError(f"--sampling.prompt: {err}") from None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.check_prompt(pl_module.tokenizer)
+
+    def sample(self, pl_module: LightningModule, max_new_tokens: int) -> str:
+        """The prompt followed by ``max_new_tokens`` sampled characters."""
+        model = pl_module.model
+        idx = pl_module.tokenizer.encode(self.prompt)[None].to(pl_module.device)
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        was_training = model.training
+        model.eval()
+        try:
+            out = model.generate(
+                idx, max_new_tokens, temperature=self.temperature, top_k=self.top_k, generator=generator
+            )
+        finally:
+            model.train(was_training)
+        return pl_module.tokenizer.decode(out[0])
+
+    def _publish(self, trainer: Trainer, text: str, tag: str) -> None:
+        step = trainer.global_step
+        bar = trainer.progress_bar_callback
+        show = getattr(bar, "print", print)  # the tqdm bar's print keeps the bar intact
+        show(f"\n----- {tag} at step {step} -----\n{text}\n-----")
+        markdown = "\n".join("    " + line for line in text.splitlines())  # indented: shown verbatim
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text(tag, markdown, global_step=step)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
+        step = trainer.global_step
+        if (
+            self.every_n_steps
+            and step % self.every_n_steps == 0
+            and step != self._last_step  # once per optimizer step under gradient accumulation
+            and trainer.is_global_zero
+        ):
+            self._last_step = step
+            self._publish(trainer, self.sample(pl_module, self.max_new_tokens), "samples")
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.final_max_new_tokens and trainer.is_global_zero:
+            self._publish(trainer, self.sample(pl_module, self.final_max_new_tokens), "samples/final")

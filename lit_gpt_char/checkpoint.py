@@ -1,0 +1,54 @@
+"""Reading checkpoints written by `fit`, without Lightning: the model and vocabulary from the file alone."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from lit_gpt_char.data import CharTokenizer
+from lit_gpt_char.errors import LitGPTCharError
+from lit_gpt_char.model import GPT, GPTConfig
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The contents of a lit_gpt_char checkpoint, checked: a clear error for anything else.
+
+    Loads with ``weights_only=True``: a checkpoint holds tensors and plain values only, so reading
+    one runs no code from the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise LitGPTCharError(f"checkpoint {path} {what}; pass --ckpt_path FILE (e.g. checkpoints/last.ckpt)")
+    unreadable = LitGPTCharError(
+        f"cannot read checkpoint {path}: it is not a PyTorch checkpoint, or it is truncated or damaged"
+    )
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one loses its directory
+        raise unreadable
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError):
+        raise unreadable from None
+    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if not {"vocab", "config"} <= set(hparams) or "state_dict" not in ckpt:
+        raise LitGPTCharError(
+            f"{path} is a PyTorch file but not a lit_gpt_char checkpoint (no vocabulary, model config or weights)"
+        )
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, CharTokenizer]:
+    """The GPT (in eval mode) and tokenizer stored in a lit_gpt_char checkpoint."""
+    ckpt = read_checkpoint(path)
+    hparams = ckpt["hyper_parameters"]
+    model = GPT(GPTConfig(**hparams["config"]))
+    weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        first_line = str(err).splitlines()[0]
+        raise LitGPTCharError(f"the weights in {path} do not fit its model config: {first_line}") from None
+    return model.to(device).eval(), CharTokenizer(hparams["vocab"])

@@ -1,0 +1,154 @@
+"""The command line: ``lightning``, ``lit-gpt-char`` and ``python -m lit_gpt_char`` are all :func:`main`.
+
+    fit | validate | test   LightningCLI over LitGPT + ShakespeareDataModule (every option: --help)
+    sample                  text from a checkpoint alone (lit_gpt_char.sample)
+
+A mistake the user can fix (:class:`LitGPTCharError`, or Lightning's own misconfiguration
+errors) is printed as one line, ``error: ...``, with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lit_gpt_char.callbacks import SampleTextCallback
+from lit_gpt_char.checkpoint import read_checkpoint
+from lit_gpt_char.data import ShakespeareDataModule
+from lit_gpt_char.errors import LitGPTCharError
+from lit_gpt_char.module import LitGPT
+
+DESCRIPTION = (
+    "Train and evaluate a character-level GPT (Karpathy's 'Let's build GPT') with PyTorch Lightning.\n"
+    "Subcommands: fit, validate, test (below) and sample (text from a checkpoint: "
+    "`lit-gpt-char sample --help`)."
+)
+
+
+class LitGPTCLI(LightningCLI):
+    """LightningCLI with the data → model links, the sampling and checkpoint callbacks, and checkpoint checks."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        commands = LightningCLI.subcommands()
+        return {name: commands[name] for name in ("fit", "validate", "test")}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # the data decides the vocabulary and the context length; the model follows
+        parser.link_arguments("data.block_size", "model.config.block_size")
+        parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+        parser.add_lightning_class_args(SampleTextCallback, "sampling")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.dirpath": "checkpoints",
+                "checkpoint.filename": "best",
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_last": True,
+                "checkpoint.enable_version_counter": False,
+            }
+        )
+
+    def _checkpoint_file(self) -> Optional[Path]:
+        """The checkpoint file the subcommand will load, if any ("last" resolved in checkpoint.dirpath)."""
+        config = self.config[self.config.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":
+            last = Path(config.checkpoint.dirpath or ".") / "last.ckpt"
+            return last if last.is_file() else None
+        if ckpt_path in (None, "best", "hpc", "registry"):
+            return None
+        return Path(ckpt_path)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the model's hyperparameters from the checkpoint here: check the file first,
+        # so that a missing, truncated or foreign file is one clear error, not a traceback
+        path = self._checkpoint_file() if self.config.get("subcommand") else None
+        self._resumed = read_checkpoint(path)["hyper_parameters"] if path is not None else None
+        super()._parse_ckpt_path()
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        # checks that need the built objects, made before the Trainer writes anything
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, SampleTextCallback):
+                callback.check_prompt(self.model.tokenizer)
+        if self._resumed is None:
+            return
+        data, ckpt_vocab = self.datamodule, self._resumed["vocab"]
+        if ckpt_vocab != data.vocab:
+            ours, theirs = set(data.vocab), set(ckpt_vocab)
+            diff = ", ".join(
+                f"{label}: {''.join(sorted(chars))!r}"
+                for label, chars in (("only in the corpus", ours - theirs), ("only in the checkpoint", theirs - ours))
+                if chars
+            )
+            raise LitGPTCharError(
+                f"the checkpoint's vocabulary ({len(ckpt_vocab)} characters) differs from that of corpus {data.path} "
+                f"({len(data.vocab)} characters; {diff or 'same characters, other order'}). Use the corpus the "
+                f"checkpoint was trained on (--data.path), or start a new run without --ckpt_path"
+            )
+        ckpt_block = self._resumed["config"]["block_size"]
+        if ckpt_block != data.block_size:
+            raise LitGPTCharError(
+                f"the checkpoint was trained with block_size {ckpt_block}, the data is set to {data.block_size}; "
+                f"pass --data.block_size {ckpt_block}"
+            )
+
+
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
+    },
+    "check_val_every_n_epoch": None,  # count val_check_interval in steps across epochs
+    "val_check_interval": 100,
+    "log_every_n_steps": 10,
+}
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def run_lightning_cli(args: Optional[list[str]] = None) -> None:
+    """Parse ``args`` (default: sys.argv[1:]) and run fit/validate/test."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
+    # noise on every run: a torch deprecation inside Lightning, and the reuse of checkpoints/ by design
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    LitGPTCLI(
+        LitGPT,
+        ShakespeareDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        seed_everything_default=1337,
+        parser_kwargs={"description": DESCRIPTION},
+        auto_configure_optimizers=False,
+        load_from_checkpoint_support=False,
+        args=args,
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point of every console script."""
+    try:
+        args = sys.argv[1:] if argv is None else argv
+        if args[:1] == ["sample"]:
+            from lit_gpt_char.sample import sample_cli
+
+            sample_cli(args[1:])
+        else:
+            run_lightning_cli(argv)
+    except (LitGPTCharError, MisconfigurationException) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
