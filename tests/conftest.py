@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny corpora made in tmp_path, and the real CLI run in-process or as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lit_gpt_char.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = str(ROOT / "configs" / "small.yaml")
+REAL_CORPUS = ROOT / "data" / "tinyshakespeare" / "input.txt"
+
+# the small config shrunk to seconds: the real CLI, Trainer, callbacks and logger, a tiny model
+TINY = [
+    "--config", SMALL,
+    "--model.config.n_layer", "2", "--model.config.n_head", "2", "--model.config.n_embd", "32",
+    "--data.block_size", "16", "--data.batch_size", "8", "--data.val_windows", "64", "--data.val_batch_size", "32",
+    "--trainer.max_steps", "20", "--trainer.val_check_interval", "10", "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+    "--sampling.every_n_steps", "10", "--sampling.max_new_tokens", "20", "--sampling.final_max_new_tokens", "40",
+]  # fmt: skip
+
+WORDS = (
+    "the king queen lord lady sword crown night day love death blood heart hand eye sweet fair good "
+    "noble gentle speak hear come go stand fall rise sleep dream honour grace"
+).split()
+
+
+def make_text(n_chars: int, seed: int = 0) -> str:
+    """Play-like text: NAME: lines of random words (a deterministic stand-in for Shakespeare)."""
+    rng = random.Random(seed)
+    lines: list[str] = []
+    size = 0
+    while size < n_chars:
+        line = rng.choice(["ROMEO:", "JULIET:", "KING HENRY:"]) if rng.random() < 0.2 else ""
+        line = line or " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))).capitalize() + rng.choice(".,;!?")
+        lines.append(line)
+        size += len(line) + 1
+    return "\n".join(lines)[:n_chars] + "\n"
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_text(30_000), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty current directory, so checkpoints/, lightning_logs/ and data/ land in tmp_path."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work
+
+
+def run_main(args: list[str]) -> int:
+    """Run the CLI in this process; the exit status (0 when main returns)."""
+    try:
+        main(args)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def run_subprocess(args: list[str], cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m lit_gpt_char ARGS`` as a user would, tests/ importable (for probe callbacks)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    return subprocess.run(
+        [sys.executable, "-m", "lit_gpt_char", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **kwargs,
+    )  # fmt: skip
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))

@@ -1,0 +1,34 @@
+"""A callback the DDP tests add through the CLI (``--trainer.callbacks+=ddp_probe.Probe``): what each rank saw."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class Probe(Callback):
+    """Writes ``out_dir/rank{r}.json``: the training windows this rank drew and the val losses it logged."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.batches: list[list[list[int]]] = []
+        self.val_losses: list[float] = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        self.batches.append(batch[0].tolist())
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.val_losses.append(float(trainer.callback_metrics["val/loss"]))
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "global_step": trainer.global_step,
+            "batches": self.batches,
+            "val_losses": self.val_losses,
+        }
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

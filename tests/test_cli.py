@@ -1,0 +1,223 @@
+"""The real CLI end to end: fit, resume, validate/test, sample, configs, --help, errors (exit 2, one line)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import shutil
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lit_gpt_char.callbacks import SampleTextCallback
+from lit_gpt_char.checkpoint import load_checkpoint
+from lit_gpt_char.data import ShakespeareDataModule
+from lit_gpt_char.model import GPTConfig
+from lit_gpt_char.module import LitGPT
+
+from .conftest import REAL_CORPUS, ROOT, SMALL, TINY, files_under, run_main, run_subprocess
+
+
+def read_events(logdir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, str]]]]:
+    """Scalars and text summaries from every event file under ``logdir``, read with TensorBoard's reader."""
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    texts: dict[str, list[tuple[int, str]]] = {}
+    for run in sorted({p.parent for p in logdir.rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+        for tag in acc.Tags()["tensors"]:
+            texts.setdefault(tag, []).extend((e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag))
+    return scalars, texts
+
+
+@pytest.fixture
+def trained(corpus: Path, workdir: Path, capsys: pytest.CaptureFixture) -> tuple[Path, str]:
+    """A 20-step run of the tiny config on the tiny corpus; (workdir, its stdout)."""
+    assert run_main(["fit", *TINY, "--data.path", str(corpus)]) == 0
+    return workdir, capsys.readouterr().out
+
+
+def test_fit_writes_checkpoints_metrics_and_samples(trained: tuple[Path, str], corpus: Path) -> None:
+    workdir, out = trained
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    # periodic samples every 10 steps and a final one, printed once each
+    assert out.count("----- samples at step 10 -----") == 1 and out.count("----- samples at step 20 -----") == 1
+    assert out.count("----- samples/final at step 20 -----") == 1
+
+    scalars, texts = read_events(workdir / "lightning_logs")
+    assert {"train/loss", "val/loss", "val/bpc", "lr"} <= set(scalars)
+    assert [step for step, _ in scalars["val/loss"]] == [10, 20]
+    for (_, loss), (_, bpc) in zip(scalars["val/loss"], scalars["val/bpc"]):
+        assert bpc == pytest.approx(loss / math.log(2), rel=1e-6)
+    assert all(v == pytest.approx(1e-3) for _, v in scalars["lr"])
+    assert {"samples/text_summary", "samples/final/text_summary"} <= set(texts)
+    assert [step for step, _ in texts["samples/text_summary"]] == [10, 20]
+    assert (workdir / "lightning_logs" / "version_0" / "config.yaml").is_file()
+
+
+def test_checkpoint_is_self_contained(trained: tuple[Path, str], corpus: Path) -> None:
+    workdir, _ = trained
+    text = corpus.read_text()
+    corpus.unlink()  # sampling must need nothing but the checkpoint
+    ckpt = torch.load(workdir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["vocab"] == "".join(sorted(set(text)))
+    assert ckpt["global_step"] == 20
+    model, tokenizer = load_checkpoint(workdir / "checkpoints" / "last.ckpt")
+    out = model.generate(tokenizer.encode("ROMEO:")[None], 30, generator=torch.Generator().manual_seed(0))
+    assert tokenizer.decode(out[0]).startswith("ROMEO:") and out.shape == (1, 36)
+    # Lightning's own loader rebuilds the module from the same file
+    lit = LitGPT.load_from_checkpoint(workdir / "checkpoints" / "last.ckpt")
+    assert torch.equal(lit.model.wte.weight, model.wte.weight)
+
+
+@pytest.mark.parametrize("ckpt_path", ["last", "checkpoints/last.ckpt"])
+def test_resume_continues_from_the_checkpoint(trained: tuple[Path, str], corpus: Path, ckpt_path: str) -> None:
+    workdir, _ = trained
+    args = ["fit", *TINY, "--data.path", str(corpus), "--trainer.max_steps", "30", "--ckpt_path", ckpt_path]
+    assert run_main(args) == 0
+    assert torch.load(workdir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
+    scalars, _ = read_events(workdir / "lightning_logs")
+    assert [step for step, _ in scalars["val/loss"]] == [10, 20, 30]
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_validate_and_test_on_a_checkpoint(
+    trained: tuple[Path, str], corpus: Path, subcommand: str, capsys: pytest.CaptureFixture
+) -> None:
+    workdir, _ = trained
+    best = torch.load(workdir / "checkpoints" / "best.ckpt", weights_only=True)
+    score = next(v["best_model_score"] for k, v in best["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    args = [subcommand, *TINY, "--data.path", str(corpus), "--ckpt_path", "checkpoints/best.ckpt"]
+    assert run_main(args) == 0
+    out = capsys.readouterr().out
+    prefix = "val" if subcommand == "validate" else "test"
+    line = next(line for line in out.splitlines() if f"{prefix}/loss" in line)
+    assert float(line.split()[-1].strip("│")) == pytest.approx(float(score), abs=1e-5)
+
+
+def test_bf16_mixed_precision_trains_on_cpu(corpus: Path, workdir: Path) -> None:
+    args = ["fit", *TINY, "--data.path", str(corpus), "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "10"]
+    assert run_main(args) == 0
+    scalars, _ = read_events(workdir / "lightning_logs")
+    assert math.isfinite(scalars["val/loss"][-1][1])
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_main(["fit", "--config", str(config), "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["config"]["n_layer"] >= 1 and printed["data"]["block_size"] >= 1
+
+
+def test_small_config_is_the_lectures(capsys: pytest.CaptureFixture) -> None:
+    assert run_main(["fit", "--config", SMALL, "--print_config"]) == 0
+    c = yaml.safe_load(capsys.readouterr().out)
+    assert (c["data"]["batch_size"], c["data"]["block_size"], c["trainer"]["max_steps"]) == (16, 32, 5000)
+    assert (c["trainer"]["val_check_interval"], c["data"]["val_windows"]) == (100, 200 * 16)
+    shape = c["model"]["config"]
+    assert (shape["n_embd"], shape["n_head"], shape["n_layer"], shape["dropout"]) == (64, 4, 4, 0.0)
+    assert (c["model"]["learning_rate"], c["model"]["lr_schedule"], c["seed_everything"]) == (1e-3, "constant", 1337)
+
+
+def test_fit_help_documents_every_option(capsys: pytest.CaptureFixture) -> None:
+    assert run_main(["fit", "--help"]) == 0
+    out = capsys.readouterr().out
+    expected = [f"--model.config.{f.name}" for f in fields(GPTConfig) if f.name not in ("vocab_size", "block_size")]
+    for prefix, cls in (("model", LitGPT), ("data", ShakespeareDataModule), ("sampling", SampleTextCallback)):
+        names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "vocab", "config")]
+        expected += [f"--{prefix}.{name}" for name in names]
+    missing = [option for option in expected if option not in out]
+    assert not missing
+    assert "lacks type and help" not in out
+    assert "--trainer.precision" in out and "--checkpoint.dirpath" in out
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["lightning"], ["lit-gpt-char"], [sys.executable, "-m", "lit_gpt_char"]],
+    ids=["lightning", "lit-gpt-char", "python-m"],
+)
+def test_entry_points(command: list[str]) -> None:
+    if not command[0].startswith("/"):
+        script = Path(sys.executable).parent / command[0]
+        if not script.exists():
+            pytest.skip(f"{command[0]} is not installed beside this Python (pip install -e .)")
+        command = [str(script)]
+    result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "{fit,validate,test}" in result.stdout and "sample" in result.stdout
+
+
+# ---- bad input: one line on stderr, exit status 2, nothing written ----
+
+
+def _short_corpus(tmp: Path) -> str:
+    path = tmp / "short.txt"
+    path.write_text("tiny text, far too short for the split\n")
+    return str(path)
+
+
+def _empty_corpus(tmp: Path) -> str:
+    path = tmp / "empty.txt"
+    path.write_text("")
+    return str(path)
+
+
+BAD_INPUTS = {
+    "no-network": (lambda tmp: ["--data.url", "http://127.0.0.1:9/input.txt"], "could not download"),
+    "wrong-sha256": (
+        lambda tmp: ["--data.url", (tmp / "corpus.txt").as_uri(), "--data.sha256", "0" * 64],
+        "expected 0000",
+    ),
+    "empty-file": (lambda tmp: ["--data.path", _empty_corpus(tmp)], "is empty"),
+    "short-split": (lambda tmp: ["--data.path", _short_corpus(tmp)], "fewer than block_size"),
+    "n_embd-n_head": (lambda tmp: ["--model.config.n_head", "5"], "divisible by n_head"),
+    "block_size-0": (lambda tmp: ["--data.block_size", "0"], "block_size must be at least 1"),
+    "prompt-not-in-vocab": (lambda tmp: ["--sampling.prompt", "€"], "not in the model's vocabulary"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_clear_line(
+    case: str, corpus: Path, workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    make_args, message = BAD_INPUTS[case]
+    default_corpus = ["--data.data_dir", str(workdir / "data")]
+    args = ["fit", *TINY, *default_corpus, *make_args(tmp_path)]
+    if case not in ("no-network", "wrong-sha256", "empty-file", "short-split"):
+        args += ["--data.path", str(corpus)]
+    assert run_main(args) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], captured.err
+    assert files_under(workdir) == []  # no logs, checkpoints or partial downloads
+
+
+def test_errors_print_no_traceback_from_the_console(tmp_path: Path) -> None:
+    result = run_subprocess(["fit", "--config", SMALL, "--data.path", str(tmp_path / "missing.txt")], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()  # Lightning's own info lines ("Seed set to 1337") may come first
+    assert lines[-1] == f"error: corpus file {tmp_path / 'missing.txt'} does not exist; pass --data.path FILE"
+    assert sum(line.startswith("error") for line in lines) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CORPUS.exists(), reason="the Tiny Shakespeare corpus is not in data/")
+def test_small_config_learns_on_the_real_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/small.yaml as given, on Tiny Shakespeare, 300 steps: the default corpus path, no download."""
+    shutil.copytree(REAL_CORPUS.parent, tmp_path / "data" / "tinyshakespeare")
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", SMALL, "--trainer.max_steps", "300", "--trainer.enable_progress_bar", "false"]
+    assert run_main(args) == 0
+    scalars, _ = read_events(tmp_path / "lightning_logs")
+    vals = dict(scalars["val/loss"])
+    assert list(vals) == [100, 200, 300]
+    assert vals[300] < vals[100] < 3.0 and vals[300] < 2.55  # ln(65) = 4.17 at the start

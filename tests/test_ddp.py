@@ -1,0 +1,49 @@
+"""Real 2-process DDP on CPU (gloo), through the CLI as a user runs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import TINY, files_under, run_main, run_subprocess
+
+pytestmark = pytest.mark.slow
+
+DDP = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
+
+
+def test_two_process_ddp(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    probe = ["--trainer.callbacks+=ddp_probe.Probe", "--trainer.callbacks.out_dir", str(tmp_path / "probe")]
+    result = run_subprocess(["fit", *TINY, *DDP, "--data.path", str(corpus), *probe], cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [20, 20]
+
+    # each rank draws its own windows: no batch is the same on both ranks
+    assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == 20
+    assert not any(a == b for a, b in zip(ranks[0]["batches"], ranks[1]["batches"]))
+
+    # the val loss is synced: both ranks log the same mean over all windows (each evaluated half)
+    assert ranks[0]["val_losses"] == pytest.approx(ranks[1]["val_losses"], abs=1e-6)
+    assert len(ranks[0]["val_losses"]) == 2
+
+    # only rank 0 writes checkpoints, logs and samples
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert len([p for p in files_under(work / "lightning_logs") if "events" in p]) == 1
+    assert result.stdout.count("----- samples at step 10 -----") == 1
+    assert result.stdout.count("----- samples/final at step 20 -----") == 1
+
+    # the synced val loss equals a single-process evaluation of every window with the final weights
+    monkeypatch.chdir(work)
+    assert torch.load(work / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
+    capsys.readouterr()
+    assert run_main(["validate", *TINY, "--data.path", str(corpus), "--ckpt_path", "checkpoints/last.ckpt"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "val/loss" in line)
+    assert float(line.split()[-1].strip("│")) == pytest.approx(ranks[0]["val_losses"][-1], abs=1e-5)
