@@ -81,3 +81,18 @@ def run_subprocess(args: list[str], cwd: Path, timeout: float = 300, **kwargs) -
 
 def files_under(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """checkpoints/last.ckpt of one 20-step tiny run, shared by the tests that only read it."""
+    work = tmp_path_factory.mktemp("tiny_run")
+    corpus = work / "corpus.txt"
+    corpus.write_text(make_text(30_000), encoding="utf-8")
+    previous = os.getcwd()
+    os.chdir(work)
+    try:
+        assert run_main(["fit", *TINY, "--data.path", str(corpus)]) == 0
+    finally:
+        os.chdir(previous)
+    return work / "checkpoints" / "last.ckpt"
