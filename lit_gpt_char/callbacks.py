@@ -1,12 +1,16 @@
-"""SampleTextCallback: what the model writes, as it trains, on stdout and in TensorBoard."""
+"""Callbacks: SampleTextCallback (text while training) and InterruptCheckpoint (Ctrl-C / SIGTERM safety)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_gpt_char.data import CharTokenizer
 from lit_gpt_char.errors import LitGPTCharError
@@ -107,3 +111,29 @@ class SampleTextCallback(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.final_max_new_tokens and trainer.is_global_zero:
             self._publish(trainer, self.sample(pl_module, self.final_max_new_tokens), "samples/final")
+
+
+class InterruptCheckpoint(Callback):
+    """On Ctrl-C or SIGTERM during fit, save ``last.ckpt`` in the checkpoint folder and say how to resume.
+
+    Lightning stops at the end of the current step when it receives SIGTERM, so the checkpoint holds a
+    whole step and resuming continues with the next one. Other exceptions save nothing: the state
+    may be the cause (a diverged model), and the last checkpoint written by ModelCheckpoint stays.
+    """
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None) or "checkpoints"
+        path = Path(dirpath) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        if path.is_relative_to(Path.cwd()):  # ModelCheckpoint makes its dirpath absolute: show it short
+            path = path.relative_to(Path.cwd())
+        if trainer.is_global_zero:
+            signal_name = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
+            print(
+                f"interrupted by {signal_name} after step {trainer.global_step}: saved {path}; "
+                f"resume by running the same command with --ckpt_path {path}",
+                file=sys.stderr,
+                flush=True,
+            )

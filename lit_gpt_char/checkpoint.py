@@ -1,16 +1,45 @@
-"""Reading checkpoints written by `fit`, without Lightning: the model and vocabulary from the file alone."""
+"""Checkpoint files: written atomically during `fit`, read back without Lightning (model + vocabulary alone)."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 
 from lit_gpt_char.data import CharTokenizer
 from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.model import GPT, GPTConfig
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside its target, syncs it, then renames it into place.
+
+    A crash or kill at any moment leaves either the previous file or the new one, never a partial
+    file (Lightning's own writer moves a file from the system temp dir, a copy across filesystems).
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Optional[Any] = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -10,16 +10,21 @@ errors) is printed as one line, ``error: ...``, with exit status 2 and no traceb
 from __future__ import annotations
 
 import logging
+import os
+import re
+import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_gpt_char.callbacks import SampleTextCallback
+from lit_gpt_char.callbacks import InterruptCheckpoint, SampleTextCallback
 from lit_gpt_char.checkpoint import read_checkpoint
 from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.errors import LitGPTCharError
@@ -30,6 +35,29 @@ DESCRIPTION = (
     "Subcommands: fit, validate, test (below) and sample (text from a checkpoint: "
     "`lit-gpt-char sample --help`)."
 )
+
+
+class _Parser(LightningArgumentParser):
+    """jsonargparse's parser, with its errors as one line instead of a page of usage."""
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse is probing alternatives: let it raise
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {_one_line(message)} (options: {prog} --help)\n")
+        sys.exit(2)
+
+
+def _one_line(message: str) -> str:
+    """A jsonargparse message on one line; a value outside a set of literals becomes "X is not one of: ..."."""
+    key = re.search(r'Parser key "([^"]+)"', message)
+    given = re.search(r"Given value: (.*)", message)
+    literals = re.findall(r"typing\.Literal\[([^\]]*)\]", message)
+    if key and given and literals:
+        allowed = ", ".join(dict.fromkeys(item for group in literals for item in group.split(", ")))
+        return f"--{key.group(1)} {given.group(1).strip()!r} is not one of: {allowed}"
+    return " ".join(message.split())
 
 
 class LitGPTCLI(LightningCLI):
@@ -47,14 +75,24 @@ class LitGPTCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         parser.add_lightning_class_args(SampleTextCallback, "sampling")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "periodic_checkpoint")
         parser.set_defaults(
             {
+                # best.ckpt (lowest val/loss) and last.ckpt, written at every evaluation
                 "checkpoint.dirpath": "checkpoints",
                 "checkpoint.filename": "best",
                 "checkpoint.monitor": "val/loss",
                 "checkpoint.mode": "min",
                 "checkpoint.save_last": True,
                 "checkpoint.enable_version_counter": False,
+                # step-N.ckpt every 1000 steps, all kept, and last.ckpt refreshed with each
+                "periodic_checkpoint.dirpath": "checkpoints",
+                "periodic_checkpoint.filename": "step-{step}",
+                "periodic_checkpoint.auto_insert_metric_name": False,
+                "periodic_checkpoint.every_n_train_steps": 1000,
+                "periodic_checkpoint.save_top_k": -1,
+                "periodic_checkpoint.save_last": True,
+                "periodic_checkpoint.enable_version_counter": False,
             }
         )
 
@@ -79,6 +117,12 @@ class LitGPTCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         # checks that need the built objects, made before the Trainer writes anything
+        cores = os.cpu_count() or 1
+        if isinstance(self.trainer.accelerator, CPUAccelerator) and self.trainer.num_devices > cores:
+            raise LitGPTCharError(
+                f"--trainer.devices {self.trainer.num_devices} asks for that many CPU processes, but this machine "
+                f"has {cores} cores; use --trainer.devices {cores} or fewer"
+            )
         for callback in self.trainer.callbacks:
             if isinstance(callback, SampleTextCallback):
                 callback.check_prompt(self.model.tokenizer)
@@ -113,12 +157,19 @@ TRAINER_DEFAULTS = {
     "check_val_every_n_epoch": None,  # count val_check_interval in steps across epochs
     "val_check_interval": 100,
     "log_every_n_steps": 10,
+    "plugins": {"class_path": "lit_gpt_char.checkpoint.AtomicCheckpointIO"},  # no half-written checkpoint files
+    "callbacks": [InterruptCheckpoint()],  # Ctrl-C / SIGTERM: save last.ckpt and say how to resume
 }
 
 
 class _DropTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("💡 Tip")
+
+
+def _prog() -> str:
+    name = Path(sys.argv[0]).name
+    return "python -m lit_gpt_char" if name == "__main__.py" else name
 
 
 def run_lightning_cli(args: Optional[list[str]] = None) -> None:
@@ -132,7 +183,8 @@ def run_lightning_cli(args: Optional[list[str]] = None) -> None:
         ShakespeareDataModule,
         trainer_defaults=TRAINER_DEFAULTS,
         seed_everything_default=1337,
-        parser_kwargs={"description": DESCRIPTION},
+        parser_kwargs={"description": DESCRIPTION, "prog": _prog()},
+        parser_class=_Parser,
         auto_configure_optimizers=False,
         load_from_checkpoint_support=False,
         args=args,
@@ -152,3 +204,5 @@ def main(argv: Optional[list[str]] = None) -> None:
     except (LitGPTCharError, MisconfigurationException) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:  # InterruptCheckpoint has saved and said how to resume
+        sys.exit(128 + signal.SIGTERM)

@@ -105,8 +105,16 @@ class LitGPT(LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         _, loss = self._forward(x, y)
+        if not torch.isfinite(loss):  # stop before the optimizer applies it: the weights stay good
+            last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+            raise LitGPTCharError(
+                f"training diverged: the loss is {loss.item()} at step {self.global_step}. Checkpoints are kept as "
+                f"they were (last: {last}); try a lower --model.learning_rate, --model.warmup_steps or "
+                f"--trainer.gradient_clip_val 1.0"
+            )
         self.log("train/loss", loss, prog_bar=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"])
+        self.log("step", float(self.global_step + 1))  # this batch's update is step N (see _log_eval)
         return loss
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metric: MeanMetric) -> None:
@@ -127,7 +135,9 @@ class LitGPT(LightningModule):
         metric.reset()
         self.log(f"{prefix}/loss", loss, prog_bar=True)
         self.log(f"{prefix}/bpc", loss / math.log(2))
-        # x-axis = optimizer steps taken (Lightning would use one less mid-epoch); "step" is not logged itself
+        # "step" is the x-axis of what is logged with it (not a metric itself): optimizer steps completed,
+        # trainer.global_step, as in checkpoint names. Lightning's own counter is one behind for validation
+        # mid-epoch, and one ahead after resuming from a checkpoint saved there
         self.log("step", float(self.global_step))
 
     def on_validation_epoch_end(self) -> None:
@@ -135,6 +145,20 @@ class LitGPT(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test", self.test_loss)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the global RNG drives dropout: with it, a resumed run draws the same masks as an unbroken one
+        # (every rank seeds alike and draws alike, so rank 0's state is every rank's)
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state(self.device)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states", {})
+        if "torch" in states:
+            torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available():  # restored before the model moves: current device
+            torch.cuda.set_rng_state(states["cuda"])
 
     def configure_optimizers(self) -> Union[torch.optim.Optimizer, dict[str, Any]]:
         hp = self.hparams

@@ -71,8 +71,8 @@ def run_main(args: list[str]) -> int:
 
 
 def run_subprocess(args: list[str], cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    """Run ``python -m lit_gpt_char ARGS`` as a user would, tests/ importable (for probe callbacks)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    """Run ``python -m lit_gpt_char ARGS`` as a user would, with tests.probes importable."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "lit_gpt_char", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **kwargs,

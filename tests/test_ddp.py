@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_gpt_char.data import RandomWindows, ShakespeareDataModule
+
 from .conftest import TINY, files_under, run_main, run_subprocess
 
 pytestmark = pytest.mark.slow
@@ -20,7 +22,7 @@ def test_two_process_ddp(
 ) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    probe = ["--trainer.callbacks+=ddp_probe.Probe", "--trainer.callbacks.out_dir", str(tmp_path / "probe")]
+    probe = ["--trainer.callbacks+=tests.probes.Probe", "--trainer.callbacks.out_dir", str(tmp_path / "probe")]
     result = run_subprocess(["fit", *TINY, *DDP, "--data.path", str(corpus), *probe], cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -47,3 +49,27 @@ def test_two_process_ddp(
     assert run_main(["validate", *TINY, "--data.path", str(corpus), "--ckpt_path", "checkpoints/last.ckpt"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if "val/loss" in line)
     assert float(line.split()[-1].strip("│")) == pytest.approx(ranks[0]["val_losses"][-1], abs=1e-5)
+
+
+def test_ddp_resume_continues_each_ranks_stream(corpus: Path, tmp_path: Path) -> None:
+    """A 2-process run resumed by a 2-process run draws, on each rank, the batches an unbroken run would."""
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def fit(steps: int, probe_dir: str, *extra: str) -> list[dict]:
+        probe = ["--trainer.callbacks+=tests.probes.Probe", "--trainer.callbacks.out_dir", str(tmp_path / probe_dir)]
+        args = ["fit", *TINY, *DDP, "--data.path", str(corpus), "--trainer.max_steps", str(steps), *probe, *extra]
+        result = run_subprocess(args, cwd=work)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return [json.loads((tmp_path / probe_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    first = fit(20, "first")
+    resumed = fit(30, "resumed", "--ckpt_path", "last")
+    dm = ShakespeareDataModule(path=str(corpus), block_size=16, batch_size=8)
+    dm.prepare_data()
+    train, _ = dm._split_ids()
+    for rank in (0, 1):
+        stream = RandomWindows(train, 8, 16, seed=1337, rank=rank)  # what an unbroken run draws on this rank
+        assert first[rank]["batches"] == [stream.batch(n)[0].tolist() for n in range(20)]
+        assert resumed[rank]["batches"] == [stream.batch(n)[0].tolist() for n in range(20, 30)]
+        assert resumed[rank]["global_step"] == 30

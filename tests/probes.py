@@ -1,10 +1,11 @@
-"""A callback the DDP tests add through the CLI (``--trainer.callbacks+=ddp_probe.Probe``): what each rank saw."""
+"""Callbacks the tests add through the CLI (``--trainer.callbacks+=tests.probes.Probe``): observe or disturb a run."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 
@@ -32,3 +33,15 @@ class Probe(Callback):
             "val_losses": self.val_losses,
         }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class InjectNaN(Callback):
+    """Makes the model produce NaN from optimizer step ``at_step`` on (a stand-in for divergence)."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.at_step:
+            with torch.no_grad():
+                pl_module.model.wte.weight.fill_(float("nan"))

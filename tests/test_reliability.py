@@ -1,0 +1,199 @@
+"""Exact resume, interrupted runs, atomic checkpoint files, divergence, and the bad-input sweep."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_gpt_char.checkpoint import AtomicCheckpointIO
+
+from .conftest import ROOT, TINY, files_under, make_text, run_main
+from .test_cli import read_events
+
+# dropout and a warmup + cosine schedule make the global RNG and the scheduler matter to the result
+RESUMABLE = [
+    *TINY, "--model.config.dropout", "0.1", "--model.warmup_steps", "5", "--model.lr_schedule", "cosine",
+    "--model.decay_steps", "60", "--trainer.log_every_n_steps", "1", "--sampling.final_max_new_tokens", "0",
+]  # fmt: skip
+
+
+def _losses(logdir: Path) -> dict[int, float]:
+    return dict(read_events(logdir)[0]["train/loss"])
+
+
+def test_resumed_run_equals_an_unbroken_one(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    for d in (straight, broken):
+        d.mkdir()
+    monkeypatch.chdir(straight)
+    assert run_main(["fit", *RESUMABLE, "--data.path", str(corpus), "--trainer.max_steps", "60"]) == 0
+    monkeypatch.chdir(broken)
+    assert run_main(["fit", *RESUMABLE, "--data.path", str(corpus), "--trainer.max_steps", "30"]) == 0
+    args = ["fit", *RESUMABLE, "--data.path", str(corpus), "--trainer.max_steps", "60", "--ckpt_path", "last"]
+    assert run_main(args) == 0
+
+    expected, got = _losses(straight / "lightning_logs"), _losses(broken / "lightning_logs")
+    assert sorted(expected) == sorted(got) == list(range(1, 61))
+    assert [got[s] for s in range(1, 61)] == [expected[s] for s in range(1, 61)]  # every step, bitwise
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 60
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "lit_gpt_char", *args],
+        cwd=cwd, env={"PYTHONPATH": str(ROOT), "PATH": ""}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 1, "Ctrl-C")])
+def test_interrupt_saves_a_checkpoint_that_resumes(corpus: Path, tmp_path: Path, sig, code: int, name: str) -> None:
+    args = ["fit", *TINY, "--data.path", str(corpus), "--trainer.max_steps", "100000"]
+    proc = _start(args, tmp_path)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "checkpoints" / "best.ckpt").exists():  # training is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    line = next(line for line in err.splitlines() if line.startswith("interrupted"))
+    step = int(line.split("after step ")[1].split(":")[0])
+    assert f"interrupted by {name} after step {step}: saved checkpoints/last.ckpt; resume" in line
+    assert "Traceback" not in err
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == step >= 10
+    # resuming continues from that very step
+    resume = ["fit", *TINY, "--data.path", str(corpus), "--trainer.max_steps", str(step + 3), "--ckpt_path", "last"]
+    assert run_main_in(tmp_path, resume) == 0
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step + 3
+
+
+def run_main_in(cwd: Path, args: list[str]) -> int:
+    result = subprocess.run(
+        [sys.executable, "-m", "lit_gpt_char", *args], cwd=cwd, env={"PYTHONPATH": str(ROOT), "PATH": ""},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return result.returncode
+
+
+def test_periodic_checkpoints(corpus: Path, workdir: Path) -> None:
+    args = ["fit", *TINY, "--data.path", str(corpus), "--periodic_checkpoint.every_n_train_steps", "7"]
+    assert run_main(args) == 0
+    names = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    assert names == ["best.ckpt", "last.ckpt", "step-14.ckpt", "step-7.ckpt"]
+    assert torch.load(workdir / "checkpoints" / "step-14.ckpt", weights_only=True)["global_step"] == 14
+    assert torch.load(workdir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
+
+
+def test_a_crash_while_saving_leaves_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_divergence_stops_with_the_step_and_keeps_checkpoints(
+    corpus: Path, workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = ["fit", *TINY, "--data.path", str(corpus), "--trainer.callbacks+=tests.probes.InjectNaN"]
+    assert run_main([*args, "--trainer.callbacks.at_step", "15"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: training diverged: the loss is nan at step 15")
+    assert "last.ckpt" in err[0]
+    best = torch.load(workdir / "checkpoints" / "best.ckpt", weights_only=True)
+    last = torch.load(workdir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert best["global_step"] == last["global_step"] == 10  # nothing written after the divergence
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
+
+
+def test_huge_learning_rate_diverges_cleanly(corpus: Path, workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["fit", *TINY, "--data.path", str(corpus), "--model.learning_rate", "1e6", "--trainer.max_steps", "200"]
+    assert run_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: training diverged")
+
+
+# ---- the bad-input sweep: one line, exit 2, nothing written ----
+
+
+def _write(tmp: Path, name: str, data: bytes) -> str:
+    (tmp / name).write_bytes(data)
+    return str(tmp / name)
+
+
+def _yaml_with_unknown_key(tmp: Path) -> list[str]:
+    return ["--config", _write(tmp, "typo.yaml", b"model:\n  learning_rat: 0.01\n")]
+
+
+SWEEP = {
+    "binary-corpus": (lambda t: ["--data.path", _write(t, "b.bin", bytes(range(256)) * 40)], "is not UTF-8 text"),
+    "corpus-is-a-directory": (lambda t: ["--data.path", str(t)], "is a directory"),
+    "train_fraction-1.5": (lambda t: ["--data.train_fraction", "1.5"], "strictly between 0 and 1"),
+    "batch_size-0": (lambda t: ["--data.batch_size", "0"], "--data.batch_size must be at least 1"),
+    "devices-more-than-cores": (
+        lambda t: ["--trainer.accelerator", "cpu", "--trainer.devices", "4096"],
+        "asks for that many CPU processes",
+    ),
+    "gpu-without-one": (lambda t: ["--trainer.accelerator", "gpu"], "No supported gpu backend found"),
+    "unknown-precision": (lambda t: ["--trainer.precision", "bf17"], "--trainer.precision 'bf17' is not one of"),
+    "yaml-unknown-key": (_yaml_with_unknown_key, "does not accept option 'model.learning_rat'"),
+    "not-a-number": (lambda t: ["--data.batch_size", "many"], 'key "data.batch_size"'),
+    "missing-checkpoint": (lambda t: ["--ckpt_path", str(t / "nope.ckpt")], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(SWEEP))
+def test_bad_input_sweep(case: str, corpus: Path, workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    if case == "gpu-without-one" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    make_args, message = SWEEP[case]
+    assert run_main(["fit", *TINY, "--data.path", str(corpus), *make_args(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], captured.err
+    assert files_under(workdir) == []
+
+
+def test_resume_with_another_vocabulary_says_so(
+    tiny_checkpoint: Path, workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text(make_text(30_000) + "~")  # one character more
+    assert run_main(["fit", *TINY, "--data.path", str(other), "--ckpt_path", str(tiny_checkpoint)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the checkpoint's vocabulary" in err[0] and "differs from that of corpus" in err[0]
+    assert "only in the corpus: '~'" in err[0]
+    assert files_under(workdir) == []
+
+
+def test_resume_with_another_block_size_says_so(
+    tiny_checkpoint: Path, corpus: Path, workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # the tiny checkpoint's corpus is make_text(30_000), as is `corpus`: same vocabulary
+    args = ["fit", *TINY, "--data.path", str(corpus), "--data.block_size", "8", "--ckpt_path", str(tiny_checkpoint)]
+    assert run_main(args) == 2
+    assert "pass --data.block_size 16" in capsys.readouterr().err
