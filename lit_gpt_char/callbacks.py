@@ -1,4 +1,5 @@
-"""Callbacks: SampleTextCallback (text while training) and InterruptCheckpoint (Ctrl-C / SIGTERM safety)."""
+"""Callbacks: SampleTextCallback (text while training), InterruptCheckpoint (Ctrl-C / SIGTERM safety) and
+StepCheckpoint (periodic checkpoints named by the optimizer step)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -74,6 +76,8 @@ class SampleTextCallback(Callback):
 
     def sample(self, pl_module: LightningModule, max_new_tokens: int) -> str:
         """The prompt followed by ``max_new_tokens`` sampled characters."""
+        if hasattr(pl_module, "check_finite"):
+            pl_module.check_finite()  # a diverged model is reported as such, not as a sampling error
         model = pl_module.model
         idx = pl_module.tokenizer.encode(self.prompt)[None].to(pl_module.device)
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
@@ -137,3 +141,21 @@ class InterruptCheckpoint(Callback):
                 file=sys.stderr,
                 flush=True,
             )
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose ``{step}`` in the filename is always the optimizer step being saved.
+
+    LitGPT logs a "step" value as TensorBoard's x-axis only when it logs (every log_every_n_steps and
+    at evaluations); ModelCheckpoint would take that, possibly stale, value for ``{step}``.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._trainer = trainer
+
+    def format_checkpoint_name(self, metrics: dict[str, torch.Tensor], *args, **kwargs) -> str:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            metrics = {**metrics, "step": torch.tensor(trainer.global_step)}
+        return super().format_checkpoint_name(metrics, *args, **kwargs)

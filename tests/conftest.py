@@ -22,7 +22,7 @@ TINY = [
     "--model.config.n_layer", "2", "--model.config.n_head", "2", "--model.config.n_embd", "32",
     "--data.block_size", "16", "--data.batch_size", "8", "--data.val_windows", "64", "--data.val_batch_size", "32",
     "--trainer.max_steps", "20", "--trainer.val_check_interval", "10", "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
+    "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "5",
     "--sampling.every_n_steps", "10", "--sampling.max_new_tokens", "20", "--sampling.final_max_new_tokens", "40",
 ]  # fmt: skip
 

@@ -57,6 +57,7 @@ def test_fit_writes_checkpoints_metrics_and_samples(trained: tuple[Path, str], c
     assert [step for step, _ in scalars["val/loss"]] == [10, 20]
     for (_, loss), (_, bpc) in zip(scalars["val/loss"], scalars["val/bpc"]):
         assert bpc == pytest.approx(loss / math.log(2), rel=1e-6)
+    assert [step for step, _ in scalars["train/loss"]] == [5, 10, 15, 20]  # every log_every_n_steps (5)
     assert all(v == pytest.approx(1e-3) for _, v in scalars["lr"])
     assert {"samples/text_summary", "samples/final/text_summary"} <= set(texts)
     assert [step for step, _ in texts["samples/text_summary"]] == [10, 20]

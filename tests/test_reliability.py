@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lit_gpt_char.checkpoint import AtomicCheckpointIO
+from lit_gpt_char.module import LitGPT
 
 from .conftest import ROOT, TINY, files_under, make_text, run_main
 from .test_cli import read_events
@@ -128,6 +129,19 @@ def test_divergence_stops_with_the_step_and_keeps_checkpoints(
     last = torch.load(workdir / "checkpoints" / "last.ckpt", weights_only=True)
     assert best["global_step"] == last["global_step"] == 10  # nothing written after the divergence
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
+
+
+def test_divergence_on_an_accelerator_is_caught_without_a_per_step_sync(
+    corpus: Path, workdir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the deferred path GPUs take (first bad step kept on the device), exercised on the CPU
+    monkeypatch.setattr(LitGPT, "_checks_on_host", staticmethod(lambda loss: False))
+    args = ["fit", *TINY, "--data.path", str(corpus), "--trainer.callbacks+=tests.probes.InjectNaN"]
+    assert run_main([*args, "--trainer.callbacks.at_step", "15"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: training diverged: the loss is nan at step 15")
+    last = torch.load(workdir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 10  # found before the evaluation at step 20 could save anything
 
 
 def test_huge_learning_rate_diverges_cleanly(corpus: Path, workdir: Path, capsys: pytest.CaptureFixture) -> None:

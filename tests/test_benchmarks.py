@@ -1,0 +1,38 @@
+"""The GPU benchmark scripts run end to end at toy sizes on a CPU, so they are ready when a GPU is."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REAL_CORPUS, ROOT
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not REAL_CORPUS.exists(), reason="the Tiny Shakespeare corpus is not in data/"),
+]
+
+
+def _run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_gpu_speedrun_script_at_toy_size() -> None:
+    out = _run("gpu_speedrun.py", "--tiny", "--skip-run-on")
+    assert "| speedrun: start → first val < 10.0 |" in out and "(step 20," in out
+    assert "| Trainer / plain (best; median of pairs) |" in out
+
+
+def test_sweep_script_at_toy_size() -> None:
+    out = _run("sweep.py", "--tiny", "--only", "baseline")
+    row = next(line for line in out.splitlines() if line.startswith("| nanogpt (baseline)"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "30" and 0 < float(cells[3]) < 4.5  # steps, best val
