@@ -76,8 +76,6 @@ class SampleTextCallback(Callback):
 
     def sample(self, pl_module: LightningModule, max_new_tokens: int) -> str:
         """The prompt followed by ``max_new_tokens`` sampled characters."""
-        if hasattr(pl_module, "check_finite"):
-            pl_module.check_finite()  # a diverged model is reported as such, not as a sampling error
         model = pl_module.model
         idx = pl_module.tokenizer.encode(self.prompt)[None].to(pl_module.device)
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
@@ -108,6 +106,8 @@ class SampleTextCallback(Callback):
             and step % self.every_n_steps == 0
             and step != self._last_step  # once per optimizer step under gradient accumulation
             and trainer.is_global_zero
+            # a diverged model is not sampled (rank 0 alone must not raise); LitGPT's own check stops the run
+            and getattr(pl_module, "first_bad_step", lambda: None)() is None
         ):
             self._last_step = step
             self._publish(trainer, self.sample(pl_module, self.max_new_tokens), "samples")

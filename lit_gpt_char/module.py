@@ -20,6 +20,8 @@ from lit_gpt_char.data import CharTokenizer
 from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.model import GPT, GPTConfig
 
+_NONE = 2**62  # "no non-finite loss yet" in the device-side record of the first bad step
+
 
 def lr_factor(
     step: int, warmup_steps: int, decay_steps: int, schedule: str, min_lr_ratio: float, cooldown_fraction: float
@@ -61,7 +63,8 @@ class LitGPT(LightningModule):
         min_lr: Learning rate at the end of the decay.
         cooldown_fraction: For "wsd": the last fraction of decay_steps spent cooling down.
         fused_adamw: Use the fused AdamW kernel. Unset: on for CUDA and CPU devices.
-        compile: Compile the model's forward pass with torch.compile (pays off only on long runs).
+        compile: Compile the model's forward pass with torch.compile (on a 2-core CPU it costs 27 s and the
+            compiled step is slower; whether it pays on a GPU is for benchmarks/gpu_speedrun.py to show).
     """
 
     def __init__(
@@ -138,16 +141,21 @@ class LitGPT(LightningModule):
         On a CPU the check is free: training stops before the optimizer applies the step, the weights
         stay good. On an accelerator a per-step check would stall the host until the step finishes, so
         the first bad step is kept on the device and checked (one sync) at each log step, before every
-        evaluation and before every checkpoint is written (check_finite).
+        evaluation and before every checkpoint is written (check_finite). Under DDP the decision is
+        taken over all ranks, so that every rank stops at the same point instead of one waiting forever.
         """
         if self._checks_on_host(loss):
-            if not torch.isfinite(loss):
-                self._diverged(self.global_step, loss.item())
+            here = not torch.isfinite(loss)
+            anywhere = here
+            if self.trainer.world_size > 1:
+                anywhere = self.trainer.strategy.reduce_boolean_decision(here, all=False)
+            if anywhere:
+                self._diverged(self.global_step, f"is {loss.item()}" if here else "is not finite on another rank")
             return
-        if self._first_bad is None:  # device-side step counter and first non-finite step (-1: none)
+        if self._first_bad is None:  # device-side step counter and first non-finite step (_NONE: none yet)
             self._step_on_device = torch.tensor(self.global_step, device=loss.device)
-            self._first_bad = torch.tensor(-1, device=loss.device)
-        bad = ~torch.isfinite(loss) & (self._first_bad < 0)
+            self._first_bad = torch.tensor(_NONE, device=loss.device)
+        bad = ~torch.isfinite(loss) & (self._first_bad == _NONE)
         self._first_bad = torch.where(bad, self._step_on_device, self._first_bad)
         self._step_on_device += 1
         every = self.trainer.log_every_n_steps
@@ -158,15 +166,24 @@ class LitGPT(LightningModule):
     def _checks_on_host(loss: torch.Tensor) -> bool:
         return loss.device.type == "cpu"
 
-    def check_finite(self) -> None:
-        """Raise if a training loss so far was not finite (one host sync on an accelerator)."""
-        if self._first_bad is not None and (step := int(self._first_bad)) >= 0:
-            self._diverged(step, float("nan"))
+    def first_bad_step(self) -> Optional[int]:
+        """The first step with a non-finite loss on this rank, or None (one host sync on an accelerator)."""
+        return None if self._first_bad is None or int(self._first_bad) == _NONE else int(self._first_bad)
 
-    def _diverged(self, step: int, loss: float) -> None:
+    def check_finite(self) -> None:
+        """Raise if a training loss so far was not finite on any rank (call it on every rank alike)."""
+        if self._first_bad is None:
+            return
+        first = self._first_bad
+        if self.trainer.world_size > 1:
+            first = self.trainer.strategy.reduce(first.clone(), reduce_op="min")
+        if int(first) != _NONE:
+            self._diverged(int(first), "is not finite")
+
+    def _diverged(self, step: int, loss: str) -> None:
         last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
         raise LitGPTCharError(
-            f"training diverged: the loss is {loss} at step {step}. Checkpoints are kept as they were "
+            f"training diverged: the loss {loss} at step {step}. Checkpoints are kept as they were "
             f"(last: {last}); try a lower --model.learning_rate, --model.warmup_steps or "
             f"--trainer.gradient_clip_val 1.0"
         )

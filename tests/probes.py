@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -36,12 +37,14 @@ class Probe(Callback):
 
 
 class InjectNaN(Callback):
-    """Makes the model produce NaN from optimizer step ``at_step`` on (a stand-in for divergence)."""
+    """Makes the model produce NaN from optimizer step ``at_step`` on (a stand-in for divergence), on one
+    rank (``rank``) or on all (None)."""
 
-    def __init__(self, at_step: int) -> None:
+    def __init__(self, at_step: int, rank: Optional[int] = None) -> None:
         self.at_step = at_step
+        self.rank = rank
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
-        if trainer.global_step == self.at_step:
+        if trainer.global_step == self.at_step and self.rank in (None, trainer.global_rank):
             with torch.no_grad():
                 pl_module.model.wte.weight.fill_(float("nan"))

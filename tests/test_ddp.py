@@ -73,3 +73,16 @@ def test_ddp_resume_continues_each_ranks_stream(corpus: Path, tmp_path: Path) ->
         assert first[rank]["batches"] == [stream.batch(n)[0].tolist() for n in range(20)]
         assert resumed[rank]["batches"] == [stream.batch(n)[0].tolist() for n in range(20, 30)]
         assert resumed[rank]["global_step"] == 30
+
+
+def test_ddp_divergence_on_one_rank_stops_every_rank(corpus: Path, tmp_path: Path) -> None:
+    """A NaN on rank 1 alone: both ranks stop at that step with the error, nobody hangs in a collective."""
+    work = tmp_path / "work"
+    work.mkdir()
+    nan = ["--trainer.callbacks+=tests.probes.InjectNaN", "--trainer.callbacks.at_step", "15"]
+    args = ["fit", *TINY, *DDP, "--data.path", str(corpus), *nan, "--trainer.callbacks.rank", "1"]
+    result = run_subprocess(args, cwd=work, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: training diverged: the loss is nan at step 15" in result.stderr  # rank 1
+    assert "error: training diverged: the loss is not finite on another rank at step 15" in result.stderr
+    assert torch.load(work / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10

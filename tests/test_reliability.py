@@ -139,7 +139,7 @@ def test_divergence_on_an_accelerator_is_caught_without_a_per_step_sync(
     args = ["fit", *TINY, "--data.path", str(corpus), "--trainer.callbacks+=tests.probes.InjectNaN"]
     assert run_main([*args, "--trainer.callbacks.at_step", "15"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: training diverged: the loss is nan at step 15")
+    assert len(err) == 1 and err[0].startswith("error: training diverged: the loss is not finite at step 15")
     last = torch.load(workdir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 10  # found before the evaluation at step 20 could save anything
 
