@@ -1,12 +1,13 @@
 """The GPU speedrun and the Trainer-vs-loop step time on a GPU, in one command (one device call).
 
-    PYTHONPATH=. python benchmarks/gpu_speedrun.py [--target 1.47] [--skip-run-on] [--tiny]
+    PYTHONPATH=. python benchmarks/gpu_speedrun.py [--target 1.47] [--skip-run-on] [--skip-compile] [--tiny]
 
 1. `lightning fit --config configs/speedrun.yaml` as a fresh process: seconds from the command's start
    to the first validation whose val loss (whole val split) is under --target (the run stops there:
    EarlyStopping's stopping_threshold), and to exit; peak GPU memory and host RSS.
-2. The same run allowed to go on to max_steps (no early stop): its best val loss and when.
-3. benchmarks/trainer_overhead.py on configs/nanogpt.yaml (nanoGPT's shakespeare_char model and
+2. The same race with `--model.compile true` (inductor compiles from a cold cache, as on a fresh machine).
+3. The same run allowed to go on to max_steps (no early stop): its best val loss and when.
+4. benchmarks/trainer_overhead.py on configs/nanogpt.yaml (nanoGPT's shakespeare_char model and
    recipe): steady ms/step of the Trainer against a plain loop over the same module, data and optimizer.
 
 --tiny shrinks everything so the script can be checked on a CPU in a minute (its numbers mean nothing).
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/speedrun.yaml")
     parser.add_argument("--target", type=float, default=1.47)
     parser.add_argument("--skip-run-on", action="store_true", help="skip the full run without early stop")
+    parser.add_argument("--skip-compile", action="store_true", help="skip the run with --model.compile true")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test at toy sizes")
     args = parser.parse_args()
     extra = TINY if args.tiny else []
@@ -63,6 +65,11 @@ def main() -> None:
         lines.append(f"| speedrun: start → exit | {race['total']:.1f} s |")
         gpu = f"{race['gpu_mib']:.0f} MiB" if race["gpu_mib"] is not None else "—"
         lines.append(f"| speedrun: peak GPU memory / host RSS | {gpu} / {race['rss_mib']:.0f} MiB |")
+        if not args.skip_compile:  # does torch.compile pay for itself in a run this short, from a cold cache?
+            compiled = timed_fit(args.config, [*extra, *early, "--model.compile", "true"], Path(tmp) / "compiled")
+            hit = next(((s, v, t) for s, v, t in compiled["vals"] if v < target), None)
+            reached = f"{hit[2]:.1f} s (step {hit[0]})" if hit else "not reached"
+            lines.append(f"| speedrun with --model.compile true: start → first val < {target} | {reached} |")
         if not args.skip_run_on:
             on = timed_fit(args.config, [*extra, "--trainer.callbacks", "[]"], Path(tmp) / "on")
             step, val, t = min(on["vals"], key=lambda r: r[1])

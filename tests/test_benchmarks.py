@@ -26,7 +26,7 @@ def _run(script: str, *args: str) -> str:
 
 
 def test_gpu_speedrun_script_at_toy_size() -> None:
-    out = _run("gpu_speedrun.py", "--tiny", "--skip-run-on")
+    out = _run("gpu_speedrun.py", "--tiny", "--skip-run-on", "--skip-compile")
     assert "| speedrun: start → first val < 10.0 |" in out and "(step 20," in out
     assert "| Trainer / plain (best; median of pairs) |" in out
 
