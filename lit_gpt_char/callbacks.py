@@ -1,5 +1,5 @@
 """Callbacks: SampleTextCallback (text while training), InterruptCheckpoint (Ctrl-C / SIGTERM safety) and
-StepCheckpoint (periodic checkpoints named by the optimizer step)."""
+Checkpoint (ModelCheckpoint naming files by the optimizer step)."""
 
 from __future__ import annotations
 
@@ -143,16 +143,23 @@ class InterruptCheckpoint(Callback):
             )
 
 
-class StepCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose ``{step}`` in the filename is always the optimizer step being saved.
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with ``{step}`` in filenames always the optimizer step being saved.
 
     LitGPT logs a "step" value as TensorBoard's x-axis only when it logs (every log_every_n_steps and
-    at evaluations); ModelCheckpoint would take that, possibly stale, value for ``{step}``.
+    at evaluations); ModelCheckpoint would take that, possibly stale, value for ``{step}``. The state
+    key (which Lightning formats around every hook call, ~50 times a step) is computed once.
     """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._trainer = trainer
+
+    @property
+    def state_key(self) -> str:
+        if "_state_key" not in self.__dict__:
+            self._state_key = super().state_key
+        return self._state_key
 
     def format_checkpoint_name(self, metrics: dict[str, torch.Tensor], *args, **kwargs) -> str:
         trainer = getattr(self, "_trainer", None)

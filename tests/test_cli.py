@@ -95,7 +95,7 @@ def test_validate_and_test_on_a_checkpoint(
 ) -> None:
     workdir, _ = trained
     best = torch.load(workdir / "checkpoints" / "best.ckpt", weights_only=True)
-    score = next(v["best_model_score"] for k, v in best["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    score = next(v["best_model_score"] for k, v in best["callbacks"].items() if "'monitor': 'val/loss'" in k)
     args = [subcommand, *TINY, "--data.path", str(corpus), "--ckpt_path", "checkpoints/best.ckpt"]
     assert run_main(args) == 0
     out = capsys.readouterr().out
