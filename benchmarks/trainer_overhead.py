@@ -29,9 +29,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from lit_gpt_char.cli import TRAINER_DEFAULTS, LitGPTCLI
-from lit_gpt_char.data import ShakespeareDataModule
-from lit_gpt_char.module import LitGPT
+from lit_gpt_char.cli import LitGPTCLI, build_cli
 
 WARMUP = 50
 
@@ -65,10 +63,7 @@ def build(config: str, steps: int, workdir: Path, overrides: list[str]) -> LitGP
         "--trainer.logger.init_args.save_dir", str(workdir), "--checkpoint.dirpath", str(workdir / "ckpt"),
         "--periodic_checkpoint.dirpath", str(workdir / "ckpt"), "--sampling.final_max_new_tokens", "0",
     ]  # fmt: skip
-    return LitGPTCLI(
-        LitGPT, ShakespeareDataModule, trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=1337,
-        auto_configure_optimizers=False, load_from_checkpoint_support=False, run=False, args=args,
-    )  # fmt: skip
+    return build_cli(args, run=False)
 
 
 def plain_loop(config: str, steps: int, workdir: Path, overrides: list[str]) -> float:

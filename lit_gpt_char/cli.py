@@ -38,7 +38,7 @@ DESCRIPTION = (
 )
 
 
-class _Parser(LightningArgumentParser):
+class CLIParser(LightningArgumentParser):
     """jsonargparse's parser, with its errors as one line instead of a page of usage."""
 
     def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
@@ -190,22 +190,24 @@ def _prog() -> str:
     return "python -m lit_gpt_char" if name == "__main__.py" else name
 
 
-def run_lightning_cli(args: Optional[list[str]] = None) -> None:
-    """Parse ``args`` (default: sys.argv[1:]) and run fit/validate/test."""
+def build_cli(args: Optional[list[str]] = None, run: bool = True) -> LitGPTCLI:
+    """Parse ``args`` (default: sys.argv[1:]) and, with ``run``, run the subcommand (fit/validate/test);
+    without, ``args`` has no subcommand and the CLI only builds the model, data and Trainer."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
     # noise on every run: a torch deprecation inside Lightning, and the reuse of checkpoints/ by design
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    LitGPTCLI(
+    return LitGPTCLI(
         LitGPT,
         ShakespeareDataModule,
         trainer_defaults=TRAINER_DEFAULTS,
         seed_everything_default=1337,
         parser_kwargs={"description": DESCRIPTION, "prog": _prog()},
-        parser_class=_Parser,
+        parser_class=CLIParser,
         auto_configure_optimizers=False,
         load_from_checkpoint_support=False,
         args=args,
+        run=run,
     )
 
 
@@ -218,7 +220,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
             sample_cli(args[1:])
         else:
-            run_lightning_cli(argv)
+            build_cli(argv)
     except (LitGPTCharError, MisconfigurationException) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -90,9 +90,9 @@ def sample(
 
 def sample_cli(args: list[str]) -> None:
     """Parse ``lit-gpt-char sample`` options and run :func:`sample`."""
-    from jsonargparse import ArgumentParser
+    from lit_gpt_char.cli import CLIParser  # errors on one line, as for fit
 
-    parser = ArgumentParser(prog="lit-gpt-char sample", description=sample.__doc__.split("\n\n")[0])
+    parser = CLIParser(prog="lit-gpt-char sample", description=sample.__doc__.split("\n\n")[0])
     parser.add_function_arguments(sample, as_group=False)
     cfg = parser.parse_args(args)
     sample(**cfg.as_dict())
