@@ -58,7 +58,8 @@ def read_checkpoint(path: str | Path) -> dict:
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one loses its directory
         raise unreadable
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: the CLI reads a checkpoint here only to check it, before Lightning loads it for real
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError):
         raise unreadable from None
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}

@@ -247,17 +247,6 @@ class GPT(nn.Module):
         """Trainable parameters, the tied head counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token, forward + backward, ≈ 6·N + 6·n_layer·n_embd·T.
-
-        6·N: each weight does one multiply-add (2 FLOPs) forward and two backward; the second term
-        is attention's q·k and weights·v over a context of T = block_size (Kaplan et al. 2020,
-        PaLM appendix B). Used to report model FLOPs utilisation.
-        """
-        c = self.config
-        n = self.num_params() - (self.wpe.weight.numel() if self.wpe is not None else 0)
-        return 6 * n + 6 * c.n_layer * c.n_embd * c.block_size
-
     def forward(
         self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -110,10 +110,6 @@ class LitGPT(LightningModule):
         else:
             super().__setattr__(name, value)
 
-    @property
-    def config(self) -> GPTConfig:
-        return self.model.config
-
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)[0]
 
