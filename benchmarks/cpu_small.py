@@ -1,6 +1,6 @@
 """configs/small.yaml end to end on a CPU, against the lecture's script, in one run.
 
-    python benchmarks/cpu_small.py [--corpus data/tinyshakespeare/input.txt] [--skip-reference]
+    python benchmarks/cpu_small.py [--corpus FILE (default: the packaged Tiny Shakespeare)] [--skip-reference]
 
 Each command runs as a fresh process in a scratch folder holding only the corpus (at the default
 data path), timed from start to exit, with its peak resident memory (os.wait4):
@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from lit_gpt_char.corpus import tiny_shakespeare_text
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from runs import ROOT, val_curve  # noqa: E402
@@ -49,16 +51,20 @@ def timed(command: list[str], cwd: Path) -> tuple[float, float, str]:
     return wall, usage.ru_maxrss / 1024, out
 
 
-def scratch(corpus: Path) -> Path:
+def scratch(corpus: Path | None) -> Path:
     work = Path(tempfile.mkdtemp(prefix="lit_gpt_char_bench_"))
     (work / "data" / "tinyshakespeare").mkdir(parents=True)
-    shutil.copy(corpus, work / "data" / "tinyshakespeare" / "input.txt")
+    dest = work / "data" / "tinyshakespeare" / "input.txt"
+    if corpus is None:
+        dest.write_text(tiny_shakespeare_text(), encoding="utf-8")
+    else:
+        shutil.copy(corpus, dest)
     return work
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", type=Path, default=ROOT / "data" / "tinyshakespeare" / "input.txt")
+    parser.add_argument("--corpus", type=Path, default=None, help="default: the packaged Tiny Shakespeare")
     parser.add_argument("--skip-reference", action="store_true", help="do not run the lecture's script (~7 min)")
     args = parser.parse_args()
     lightning = [sys.executable, "-m", "lit_gpt_char", "fit", "--config", str(ROOT / "configs" / "small.yaml")]

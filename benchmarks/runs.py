@@ -11,15 +11,12 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT / "data" / "tinyshakespeare" / "input.txt"
 
 
 def fit(config: str | Path, args: list[str], workdir: Path) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run `python -m lit_gpt_char fit --config CONFIG ARGS` in ``workdir`` (the corpus copied to its default
-    path, the repo on PYTHONPATH, no progress bar): (result, start and end time.time())."""
-    if CORPUS.exists():
-        (workdir / "data" / "tinyshakespeare").mkdir(parents=True, exist_ok=True)
-        (workdir / "data" / "tinyshakespeare" / "input.txt").write_bytes(CORPUS.read_bytes())
+    """Run `python -m lit_gpt_char fit --config CONFIG ARGS` in ``workdir`` (the packaged Tiny Shakespeare,
+    the repo on PYTHONPATH, no progress bar): (result, start and end time.time())."""
+    workdir.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "lit_gpt_char", "fit", "--config", str(ROOT / config), *args,
         "--trainer.enable_progress_bar", "false",

@@ -1,17 +1,21 @@
 """Corpus → character ids → random training windows and fixed validation windows.
 
-    text file ──CharTokenizer──▶ 1-D uint8 ids ──split train_fraction──▶ train ids │ val ids
+    text file or folder ──streamed once into a cache (lit_gpt_char.corpus)──▶ memory-mapped 1-D ids
+    ids ──split train_fraction──▶ train ids │ val ids
     train ids ──batch n of rank r: generator seeded (seed + rank, n)──▶ offsets ──one gather──▶ (x, y)
     val ids   ──fixed offsets (or the whole split, tiled)──▶ (x, y), the same every evaluation
 
-The corpus stays one small tensor (1 byte a character for vocabularies up to 256); no window is
-ever materialised beyond the batch being drawn.
+The ids take 1 byte a character for vocabularies up to 256 (2 up to 65,536, else 4) and are read
+from a memory map: only the pages windows touch are in memory. No window is materialised beyond the
+batch being drawn.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -22,10 +26,23 @@ from typing import Optional
 import torch
 from lightning.pytorch import LightningDataModule
 
+from lit_gpt_char.corpus import (
+    TINY_SHAKESPEARE_SHA256,
+    Corpus,
+    TokenStore,
+    directory,
+    make_dirs,
+    open_store,
+    packaged_tiny_shakespeare,
+    single_file,
+)
 from lit_gpt_char.errors import LitGPTCharError
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+# windows read from the memory map between releases of its pages: the kernel maps 64-256 KiB around each
+# window read, so at most 16-64 MiB of the map stays resident
+RELEASE_EVERY_WINDOWS = 256
+__all__ = ["TINY_SHAKESPEARE_SHA256", "TINY_SHAKESPEARE_URL", "CharTokenizer", "ShakespeareDataModule"]
 
 
 def _codepoints(text: str) -> torch.Tensor:
@@ -57,8 +74,8 @@ class CharTokenizer:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The smallest dtype that holds every id."""
-        return torch.uint8 if self.vocab_size <= 256 else torch.int32
+        """The smallest dtype that holds every id (the token store's: uint8, uint16 or int32)."""
+        return torch.uint8 if self.vocab_size <= 256 else torch.uint16 if self.vocab_size <= 65536 else torch.int32
 
     def unknown(self, text: str) -> list[str]:
         """Characters of ``text`` that the vocabulary lacks, each once, in order of appearance."""
@@ -80,60 +97,53 @@ class CharTokenizer:
         return "".join(self.vocab[i] for i in ids)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def download(url: str, dest: Path, sha256: Optional[str]) -> None:
-    """Fetch ``url`` to ``dest``; nothing is written unless the whole file arrived and its hash checks out.
+    """Fetch ``url`` to ``dest``; nothing is left behind unless the whole file arrived and its hash checks out.
 
-    The file is held in memory (a text corpus is small), verified, written beside ``dest`` and
-    renamed into place, so an interrupted or failed download never leaves a partial corpus.
+    The file streams to a temporary file beside ``dest`` (memory stays small whatever its size) while
+    its sha256 is computed; it is renamed into place only once verified, so an interrupted or failed
+    download never leaves a partial corpus (nor the folders made for it).
     """
+    created: list[Path] = []
+    tmp_name: Optional[str] = None
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            payload = response.read()
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise LitGPTCharError(
-            f"could not download the corpus from {url} ({reason}). Put the file at {dest}, "
-            f"or pass --data.path FILE to train on a local text file, or --data.url URL for another source"
-        ) from None
-    if sha256 is not None and (got := hashlib.sha256(payload).hexdigest()) != sha256:
-        raise LitGPTCharError(
-            f"the file downloaded from {url} has sha256 {got}, expected {sha256}; nothing was saved. "
-            f"Check --data.url, or pass --data.sha256 null to skip the check"
-        )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(payload)
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                created = make_dirs(dest.parent)
+                fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+                hasher = hashlib.sha256()
+                with os.fdopen(fd, "wb") as out:
+                    while block := response.read(1 << 20):
+                        hasher.update(block)
+                        out.write(block)
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
+            raise LitGPTCharError(
+                f"could not download the corpus from {url} ({reason}). Put the file at {dest}, "
+                f"or pass --data.path FILE to train on a local text file, or --data.url URL for another source"
+            ) from None
+        if sha256 is not None and (got := hasher.hexdigest()) != sha256:
+            raise LitGPTCharError(
+                f"the file downloaded from {url} has sha256 {got}, expected {sha256}; nothing was saved. "
+                f"Check --data.url, or pass --data.sha256 null to skip the check"
+            )
         os.replace(tmp_name, dest)
+        tmp_name = None
     finally:
-        Path(tmp_name).unlink(missing_ok=True)
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
+        if not dest.exists():
+            for d in created:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
 
-def read_corpus(path: Path) -> str:
-    """The text of ``path``, with one clear error for each way it can be unusable."""
-    if path.is_dir():
-        raise LitGPTCharError(f"corpus path {path} is a directory; pass a UTF-8 text file with --data.path")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise LitGPTCharError(f"corpus file {path} does not exist; pass --data.path FILE") from None
-    except OSError as err:
-        raise LitGPTCharError(f"cannot read corpus file {path}: {err.strerror}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise LitGPTCharError(
-            f"corpus file {path} is not UTF-8 text (invalid byte at offset {err.start}); "
-            f"pass a UTF-8 text file with --data.path"
-        ) from None
-    if not text:
-        raise LitGPTCharError(f"corpus file {path} is empty; pass a UTF-8 text file with --data.path")
-    return text
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\"}
+
+
+def _unescape(text: str) -> str:
+    r"""``\n``, ``\t``, ``\r``, ``\0`` and ``\\`` typed on a command line, as the characters they name."""
+    return re.sub(r"\\([ntr0\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 def _mix(*values: int) -> int:
@@ -224,14 +234,30 @@ class FixedWindows:
 
 
 class ShakespeareDataModule(LightningDataModule):
-    """Tiny Shakespeare (or any UTF-8 text file), character-level.
+    """Tiny Shakespeare, or any UTF-8 text file or folder of text files, character-level.
+
+    The corpus is tokenized once, in a stream, into a cache (``cache_dir``) that later runs reuse while
+    the corpus is unchanged; training and validation windows are read from a memory map of it, so a
+    run's memory does not grow with the corpus (see :mod:`lit_gpt_char.corpus`).
 
     Args:
-        path: Corpus file. Unset: ``data_dir/input.txt``, downloaded from ``url`` if missing.
-        data_dir: Folder for the downloaded corpus.
-        url: Where to download the corpus from when ``path`` is unset and the file is missing.
+        path: Corpus: a UTF-8 text file, or a directory (every file under it, recursively, in sorted
+            path order; names starting with "." are skipped). Unset: ``data_dir/input.txt`` if it
+            exists, else the Tiny Shakespeare that ships with the package (no network needed), or,
+            with another ``url``, that file downloaded to ``data_dir/input.txt``.
+        data_dir: Folder of the default corpus file (``input.txt``) and of downloads.
+        url: Where to download the corpus from when ``path`` is unset and ``data_dir/input.txt`` is
+            missing. The default (Tiny Shakespeare) is not downloaded: its packaged copy is used.
         sha256: Expected sha256 of the corpus found or downloaded in ``data_dir`` (null: no check).
             A file given with ``path`` is the user's own and is not checked.
+        glob: Directory corpus: only files whose path (relative to ``path``) matches, e.g. ``'**/*.c'``;
+            a pattern without "/" matches file names at any depth (``'*.txt'``). Unset: every file.
+        separator: Directory corpus: text put between consecutive files (default: a newline; escapes
+            such as ``\\n`` and ``\\t`` are understood, so they can be typed on a command line).
+        strict: Directory corpus: a file that is not UTF-8 text (invalid bytes, or NUL bytes as in a
+            binary) is an error naming it and the byte offset, instead of being skipped.
+        cache_dir: Folder of tokenized corpora (one entry per corpus; delete it to reclaim the space).
+        max_vocab: Most distinct characters allowed (the model embeds each one); more is an error.
         block_size: Context length; linked to the model's block_size.
         batch_size: Training windows per step (per device).
         train_fraction: Leading fraction of the corpus used for training; the rest validates.
@@ -239,7 +265,9 @@ class ShakespeareDataModule(LightningDataModule):
             Unset (null): the whole validation split, tiled into non-overlapping windows.
         val_batch_size: Windows per validation batch (more is faster; memory grows with it).
         seed: Seed of the training-window stream; rank r draws from its own stream (seed, r).
-        on_device: Keep the encoded corpus on the training device and draw windows there (GPU).
+        on_device: Copy the training ids to the accelerator (when they fit in half its free memory; a
+            line says which) and draw windows there. Otherwise windows are gathered on the host and
+            sent through pinned memory.
     """
 
     def __init__(
@@ -248,6 +276,11 @@ class ShakespeareDataModule(LightningDataModule):
         data_dir: str = "data/tinyshakespeare",
         url: str = TINY_SHAKESPEARE_URL,
         sha256: Optional[str] = TINY_SHAKESPEARE_SHA256,
+        glob: Optional[str] = None,
+        separator: str = "\\n",
+        strict: bool = False,
+        cache_dir: str = "data/cache",
+        max_vocab: int = 65536,
         block_size: int = 32,
         batch_size: int = 16,
         train_fraction: float = 0.9,
@@ -257,16 +290,25 @@ class ShakespeareDataModule(LightningDataModule):
         on_device: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (("block_size", block_size), ("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+        for name, value in (
+            ("block_size", block_size), ("batch_size", batch_size), ("val_batch_size", val_batch_size),
+            ("max_vocab", max_vocab),
+        ):  # fmt: skip
             if value < 1:
                 raise LitGPTCharError(f"--data.{name} must be at least 1, got {value}")
         if val_windows is not None and val_windows < 1:
             raise LitGPTCharError(f"--data.val_windows must be >= 1 (or null: the whole split), got {val_windows}")
         if not 0.0 < train_fraction < 1.0:
             raise LitGPTCharError(f"--data.train_fraction must be strictly between 0 and 1, got {train_fraction}")
+        self.given_path = path
         self.path = Path(path) if path is not None else Path(data_dir) / "input.txt"
         self.download_url = url if path is None else None
         self.sha256 = sha256 if path is None else None
+        self.glob = glob
+        self.separator = _unescape(separator)
+        self.strict = strict
+        self.cache_dir = Path(cache_dir)
+        self.max_vocab = max_vocab
         self.block_size = block_size
         self.batch_size = batch_size
         self.train_fraction = train_fraction
@@ -274,25 +316,78 @@ class ShakespeareDataModule(LightningDataModule):
         self.val_batch_size = val_batch_size
         self.seed = seed
         self.on_device = on_device
+        self._store: Optional[TokenStore] = None
         self._tokenizer: Optional[CharTokenizer] = None
         self._ids: Optional[torch.Tensor] = None
         self._train: Optional[RandomWindows] = None
+        self._device_train: Optional[torch.Tensor] = None
+        self._windows_read = 0
+
+    def __getstate__(self) -> dict:
+        # spawned processes (ddp_spawn) map the cache themselves instead of receiving a copy of the corpus
+        state = self.__dict__.copy()
+        state.update(_store=None, _tokenizer=None, _ids=None, _device_train=None)
+        if state.get("_train") is not None:
+            state["_train"] = None
+            state["_resume_next_batch"] = self._train.state_dict()["next_batch"]  # type: ignore[union-attr]
+        return state
+
+    def _corpus(self) -> Corpus:
+        """What to tokenize: the user's file or directory, the default file, the packaged or a downloaded corpus."""
+        if self.given_path is not None:
+            if self.path.is_dir():
+                return directory(self.path, self.glob, self.separator, self.strict, exclude=self.cache_dir)
+            if self.glob is not None:
+                raise LitGPTCharError(
+                    f"--data.glob selects files in a directory, but --data.path {self.path} is a file"
+                )
+            return single_file(self.path)
+        if not self.path.exists():
+            if self.download_url == TINY_SHAKESPEARE_URL:
+                corpus = packaged_tiny_shakespeare()
+                self.path = corpus.root
+                return corpus
+            if self.download_url is not None:
+                download(self.download_url, self.path, self.sha256)
+        return single_file(self.path, self.sha256)
+
+    def prepare_data(self) -> None:
+        """Tokenize the corpus into the cache unless an up-to-date one is there, and check the splits (Lightning
+        calls this once per node, on local rank 0; the CLI has usually done it already, to give the model its
+        vocabulary). Mapping the cache costs nothing: this process maps it too."""
+        self._load()
+
+    def _token_store(self) -> TokenStore:
+        if self._store is None:
+            store = open_store(self._corpus(), self.cache_dir)
+            if len(store.vocab) > self.max_vocab:
+                raise LitGPTCharError(
+                    f"corpus {self.path} has {len(store.vocab):,} distinct characters, more than --data.max_vocab "
+                    f"{self.max_vocab:,} (the model embeds each one); check that the corpus is the text you mean, "
+                    f"or raise --data.max_vocab"
+                )
+            if self.strict and store.meta["skipped"]:
+                name, why = store.meta["skipped"][0]
+                raise LitGPTCharError(
+                    f"file {name} in corpus directory {self.path} is not UTF-8 text: {why} "
+                    f"(--data.strict true; without it, such files are skipped)"
+                )
+            self._store = store
+        return self._store
 
     def _load(self) -> tuple[CharTokenizer, torch.Tensor]:
-        """Find (or download) the corpus, verify and encode it, once."""
+        """The tokenizer and the memory-mapped ids, from the cache (built first if needed), once."""
         if self._tokenizer is None:
-            if not self.path.exists() and self.download_url is not None:
-                download(self.download_url, self.path, self.sha256)
-            text = read_corpus(self.path)
-            if self.sha256 is not None and (got := _sha256(self.path)) != self.sha256:
-                raise LitGPTCharError(
-                    f"corpus file {self.path} has sha256 {got}, expected {self.sha256}: it is not the expected "
-                    f"file or is damaged. Delete it to download again, or pass --data.path for your own text"
-                )
-            self._tokenizer, self._ids = CharTokenizer.from_text(text)
+            store = self._token_store()
+            self._tokenizer, self._ids = CharTokenizer(store.vocab), store.ids
             self._split_ids()  # fail on a too-short split now, before anything is built or written
         assert self._ids is not None
         return self._tokenizer, self._ids
+
+    @property
+    def store(self) -> TokenStore:
+        """The corpus's token store (its cache entry and memory map)."""
+        return self._token_store()
 
     @property
     def tokenizer(self) -> CharTokenizer:
@@ -321,23 +416,68 @@ class ShakespeareDataModule(LightningDataModule):
                 )
         return train, val
 
-    def prepare_data(self) -> None:
-        self._load()
-
     def setup(self, stage: str) -> None:
-        self._load()
+        self._load()  # maps the cache on every rank
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def _on(self, train: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``train`` on ``device`` if it fits there, copied in slices (host memory stays small); else ``train``."""
+        if device.type == "cpu":
+            return train  # the memory map already is in host memory
+        if self._device_train is not None and self._device_train.device == device:
+            return self._device_train
+        size = train.numel() * train.element_size()
+        say = self.trainer is None or self.trainer.is_global_zero
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if size > free // 2:
+                if say:
+                    print(
+                        f"data: the training ids ({size / 1e9:.2f} GB) do not fit in half of {device}'s free memory "
+                        f"({free / 1e9:.2f} GB): windows are gathered on the host and sent through pinned memory",
+                        flush=True,
+                    )
+                return train
+        on_device = torch.empty(train.shape, dtype=train.dtype, device=device)
+        step = 64 << 20
+        for i in range(0, train.numel(), step):
+            on_device[i : i + step].copy_(train[i : i + step])
+            if self._store is not None:
+                self._store.release()  # what the copy read of the map does not stay resident
+        if say:
+            print(f"data: the training ids ({size / 1e6:,.1f} MB) are on {device}; windows are drawn there", flush=True)
+        self._device_train = on_device
+        return on_device
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Every RELEASE_EVERY_WINDOWS windows drawn from the memory map, let its pages go: the map's resident
+        part stays small (a few MB) however large the corpus and however long the run."""
+        if self._store is not None and isinstance(batch, (tuple, list)) and isinstance(batch[0], torch.Tensor):
+            self._windows_read += len(batch[0])
+            if self._windows_read >= RELEASE_EVERY_WINDOWS:
+                self._store.release()
+                self._windows_read = 0
+        return batch
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Windows gathered on the host reach a GPU through pinned memory, without blocking the host."""
+        if device.type == "cuda" and isinstance(batch, (tuple, list)):
+            if all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in batch):
+                return type(batch)(t.pin_memory().to(device, non_blocking=True) for t in batch)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def train_dataloader(self) -> RandomWindows:
         self._load()
         train, _ = self._split_ids()
         if self.on_device and self.trainer is not None:
-            train = train.to(self.trainer.strategy.root_device)
+            train = self._on(train, self.trainer.strategy.root_device)
         rank, _ = self._rank()
         state = self._train.state_dict() if self._train is not None else None
+        if state is None and "_resume_next_batch" in self.__dict__:
+            state = {"next_batch": self.__dict__.pop("_resume_next_batch")}
         self._train = RandomWindows(train, self.batch_size, self.block_size, self.seed, rank)
         if state is not None:
             self._train.load_state_dict(state)

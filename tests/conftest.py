@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from lit_gpt_char.cli import main
+from lit_gpt_char.corpus import tiny_shakespeare_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = str(ROOT / "configs" / "small.yaml")
-REAL_CORPUS = ROOT / "data" / "tinyshakespeare" / "input.txt"
 
 # the small config shrunk to seconds: the real CLI, Trainer, callbacks and logger, a tiny model
 TINY = [
@@ -43,6 +43,14 @@ def make_text(n_chars: int, seed: int = 0) -> str:
         lines.append(line)
         size += len(line) + 1
     return "\n".join(lines)[:n_chars] + "\n"
+
+
+@pytest.fixture(scope="session")
+def real_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny Shakespeare as a plain file, from the copy that ships with the package (no download)."""
+    path = tmp_path_factory.mktemp("tinyshakespeare") / "input.txt"
+    path.write_text(tiny_shakespeare_text(), encoding="utf-8")
+    return path
 
 
 @pytest.fixture
@@ -81,6 +89,12 @@ def run_subprocess(args: list[str], cwd: Path, timeout: float = 300, **kwargs) -
 
 def files_under(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def outputs_under(path: Path) -> list[str]:
+    """files_under, less the corpus cache (data/cache): a run that stops on an error after the corpus was
+    tokenized keeps it, as a later run would use it; logs, checkpoints and partial downloads are outputs."""
+    return [p for p in files_under(path) if p != "data" and not p.startswith(("data/cache", "data\\cache"))]
 
 
 @pytest.fixture(scope="session")

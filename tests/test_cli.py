@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import shutil
 import subprocess
 import sys
 from dataclasses import fields
@@ -21,7 +20,7 @@ from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT
 
-from .conftest import REAL_CORPUS, ROOT, SMALL, TINY, files_under, run_main, run_subprocess
+from .conftest import ROOT, SMALL, TINY, outputs_under, run_main, run_subprocess
 
 
 def read_events(logdir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, str]]]]:
@@ -199,7 +198,7 @@ def test_bad_input_is_one_clear_line(
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], captured.err
-    assert files_under(workdir) == []  # no logs, checkpoints or partial downloads
+    assert outputs_under(workdir) == []  # no logs, checkpoints or partial downloads
 
 
 def test_errors_print_no_traceback_from_the_console(tmp_path: Path) -> None:
@@ -211,10 +210,8 @@ def test_errors_print_no_traceback_from_the_console(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL_CORPUS.exists(), reason="the Tiny Shakespeare corpus is not in data/")
 def test_small_config_learns_on_the_real_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """configs/small.yaml as given, on Tiny Shakespeare, 300 steps: the default corpus path, no download."""
-    shutil.copytree(REAL_CORPUS.parent, tmp_path / "data" / "tinyshakespeare")
+    """configs/small.yaml as given, on Tiny Shakespeare, 300 steps: the packaged corpus, no download."""
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--config", SMALL, "--trainer.max_steps", "300", "--trainer.enable_progress_bar", "false"]
     assert run_main(args) == 0

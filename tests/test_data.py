@@ -20,7 +20,7 @@ from lit_gpt_char.data import (
 )
 from lit_gpt_char.errors import LitGPTCharError
 
-from .conftest import REAL_CORPUS, make_text
+from .conftest import make_text
 
 
 def test_tokenizer_matches_the_lectures_encoding() -> None:
@@ -39,9 +39,8 @@ def test_unknown_characters_are_named() -> None:
         tokenizer.encode("a xZ x")
 
 
-@pytest.mark.skipif(not REAL_CORPUS.exists(), reason="the Tiny Shakespeare corpus is not in data/")
-def test_real_corpus_is_65_characters_in_one_byte_each() -> None:
-    tokenizer, ids = CharTokenizer.from_text(REAL_CORPUS.read_text(encoding="utf-8"))
+def test_real_corpus_is_65_characters_in_one_byte_each(real_corpus: Path) -> None:
+    tokenizer, ids = CharTokenizer.from_text(real_corpus.read_text(encoding="utf-8"))
     assert tokenizer.vocab_size == 65 and tokenizer.vocab[0] == "\n"
     assert ids.dtype == torch.uint8 and ids.numel() == 1_115_394  # ~1 MB resident
 
@@ -194,8 +193,8 @@ def test_unusable_corpora(tmp_path: Path, content: bytes, kwargs: dict, message:
         ShakespeareDataModule(path=str(path), **kwargs).prepare_data()
 
 
-def test_corpus_path_that_is_a_directory_or_missing(tmp_path: Path) -> None:
-    with pytest.raises(LitGPTCharError, match="is a directory"):
+def test_corpus_path_that_is_an_empty_directory_or_missing(tmp_path: Path) -> None:
+    with pytest.raises(LitGPTCharError, match="corpus directory .* has no files"):
         ShakespeareDataModule(path=str(tmp_path)).prepare_data()
     with pytest.raises(LitGPTCharError, match="does not exist"):
         ShakespeareDataModule(path=str(tmp_path / "nope.txt")).prepare_data()

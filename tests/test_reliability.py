@@ -14,7 +14,7 @@ import torch
 from lit_gpt_char.checkpoint import AtomicCheckpointIO
 from lit_gpt_char.module import LitGPT
 
-from .conftest import ROOT, TINY, files_under, make_text, run_main
+from .conftest import ROOT, TINY, make_text, outputs_under, run_main
 from .test_cli import read_events
 
 # dropout and a warmup + cosine schedule make the global RNG and the scheduler matter to the result
@@ -159,13 +159,18 @@ def _write(tmp: Path, name: str, data: bytes) -> str:
     return str(tmp / name)
 
 
+def _empty_dir(tmp: Path) -> str:
+    (tmp / "empty").mkdir()
+    return str(tmp / "empty")
+
+
 def _yaml_with_unknown_key(tmp: Path) -> list[str]:
     return ["--config", _write(tmp, "typo.yaml", b"model:\n  learning_rat: 0.01\n")]
 
 
 SWEEP = {
     "binary-corpus": (lambda t: ["--data.path", _write(t, "b.bin", bytes(range(256)) * 40)], "is not UTF-8 text"),
-    "corpus-is-a-directory": (lambda t: ["--data.path", str(t)], "is a directory"),
+    "corpus-is-an-empty-directory": (lambda t: ["--data.path", _empty_dir(t)], "has no files"),
     "train_fraction-1.5": (lambda t: ["--data.train_fraction", "1.5"], "strictly between 0 and 1"),
     "batch_size-0": (lambda t: ["--data.batch_size", "0"], "--data.batch_size must be at least 1"),
     "devices-more-than-cores": (
@@ -189,7 +194,7 @@ def test_bad_input_sweep(case: str, corpus: Path, workdir: Path, tmp_path: Path,
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], captured.err
-    assert files_under(workdir) == []
+    assert outputs_under(workdir) == []
 
 
 def test_resume_with_another_vocabulary_says_so(
@@ -201,7 +206,7 @@ def test_resume_with_another_vocabulary_says_so(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the checkpoint's vocabulary" in err[0] and "differs from that of corpus" in err[0]
     assert "only in the corpus: '~'" in err[0]
-    assert files_under(workdir) == []
+    assert outputs_under(workdir) == []
 
 
 def test_resume_with_another_block_size_says_so(
