@@ -10,12 +10,16 @@ errors) is printed as one line, ``error: ...``, with exit status 2 and no traceb
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
+import re
 import signal
 import sys
 import time
 import warnings
+from argparse import Action
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,6 +36,7 @@ from lit_gpt_char.callbacks import Checkpoint, InterruptCheckpoint, SampleTextCa
 from lit_gpt_char.checkpoint import read_checkpoint
 from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.errors import LitGPTCharError
+from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT
 from lit_gpt_char.parser import CLIParser
 from lit_gpt_char.precision import allow_clipping_with_fused_optimizers
@@ -111,7 +116,11 @@ class LitGPTCLI(LightningCLI):
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         parser.add_lightning_class_args(SampleTextCallback, "sampling")
-        _set_help(parser, "sampling.prompt", "Text the samples continue (default: %(default)r, a newline).")
+        # its default, a newline, would print as an invisible "default: \n": write it out (the help as given)
+        prompt = _set_help(
+            parser, "sampling.prompt", "Text the samples continue (type: str, default: '\\n', a newline)"
+        )
+        prompt._jsonargparse_preexpanded_help = True
         # the run decides the folder of both checkpoint callbacks: no dirpath option to disagree with it
         for key, help in CHECKPOINT_GROUPS.items():
             parser.add_class_arguments(Checkpoint, key, fail_untyped=False, sub_configs=True, skip={"dirpath"})
@@ -185,6 +194,12 @@ class LitGPTCLI(LightningCLI):
                 )
         config.data.block_size = ckpt_values["data.block_size"]
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except LitGPTCharError as err:  # the model's own checks name its arguments: say which option to change
+            raise LitGPTCharError(_name_options(str(err))) from None
+
     def before_instantiate_classes(self) -> None:
         # the progress bar redraws every 10 steps: redrawing every step costs 5% of a small CPU step.
         # Lightning's TQDMProgressBar reads this variable; set it to 1 for every step
@@ -245,6 +260,7 @@ class LitGPTCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if isinstance(callback, SampleTextCallback):
                 callback.check_prompt(self.model.tokenizer)
+        self._check_optimization()
         if self._ckpt is not None:
             _check_vocabulary(self._ckpt["hyper_parameters"]["vocab"], self.datamodule)
         if self.subcommand is not None:  # the run's folder; for an evaluation, that of its checkpoint
@@ -258,6 +274,22 @@ class LitGPTCLI(LightningCLI):
             self._warn_if_sized_for_a_gpu()
         if self._run is not None:
             os.environ[RUN_ENV] = self._run.name
+
+    def _check_optimization(self) -> None:
+        """Settings that LitGPT or Lightning would reject only once training has started."""
+        hp, trainer = self.model.hparams, self.trainer
+        scheduled = hp.lr_schedule != "constant" or hp.warmup_steps > 0
+        if self.subcommand == "fit" and scheduled and not hp.decay_steps and not (trainer.max_steps or 0) > 0:
+            raise LitGPTCharError(
+                f"--model.lr_schedule {hp.lr_schedule} needs to know where it ends: set --trainer.max_steps or "
+                f"--model.decay_steps"
+            )
+        if getattr(trainer.precision_plugin, "scaler", None) is not None and trainer.gradient_clip_val:
+            if hp.fused_adamw is not False:
+                raise LitGPTCharError(
+                    "--trainer.precision 16-mixed scales the loss, so a fused AdamW step cannot be clipped "
+                    "(--trainer.gradient_clip_val): use --trainer.precision bf16-mixed, or --model.fused_adamw false"
+                )
 
     def _announce(self) -> Optional[str]:
         """The run's first line: its name and folders, and where it resumes from."""
@@ -317,8 +349,23 @@ CHECKPOINT_GROUPS = {  # title and description of each group in fit --help
 MAY_CHANGE_ON_RESUME = ("compile", "fused_adamw")
 
 
-def _set_help(parser: LightningArgumentParser, dest: str, help: str) -> None:
-    next(action for action in parser._actions if action.dest == dest).help = help
+def _name_options(message: str) -> str:
+    """``message`` with the first mention of each model argument written as its option (--model.config.n_head)."""
+    options = {
+        f.name: f"--model.config.{f.name}" for f in fields(GPTConfig) if f.name not in ("vocab_size", "block_size")
+    }
+    options |= {
+        name: f"--model.{name}" for name in inspect.signature(LitGPT).parameters if name not in ("vocab", "config")
+    }
+    for name, option in options.items():
+        message = re.sub(rf"(?<![\w.-]){name}\b", option, message, count=1)
+    return message
+
+
+def _set_help(parser: LightningArgumentParser, dest: str, help: str) -> Action:
+    action = next(action for action in parser._actions if action.dest == dest)
+    action.help = help
+    return action
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -180,7 +180,7 @@ BAD_INPUTS = {
     ),
     "empty-file": (lambda tmp: ["--data.path", _empty_corpus(tmp)], "is empty"),
     "short-split": (lambda tmp: ["--data.path", _short_corpus(tmp)], "fewer than block_size"),
-    "n_embd-n_head": (lambda tmp: ["--model.config.n_head", "5"], "divisible by n_head"),
+    "n_embd-n_head": (lambda tmp: ["--model.config.n_head", "5"], "must be divisible by --model.config.n_head (5)"),
     "block_size-0": (lambda tmp: ["--data.block_size", "0"], "block_size must be at least 1"),
     "prompt-not-in-vocab": (lambda tmp: ["--sampling.prompt", "€"], "not in the model's vocabulary"),
 }
