@@ -79,7 +79,9 @@ def test_interrupt_saves_a_checkpoint_that_resumes(corpus: Path, tmp_path: Path,
     # resuming continues from that very step
     resume = ["fit", *TINY, "--data.path", str(corpus), "--trainer.max_steps", str(step + 3), "--ckpt_path", "last"]
     assert run_main_in(tmp_path, resume) == 0
-    assert torch.load(tmp_path / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == step + 3
+    assert (
+        torch.load(tmp_path / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == step + 3
+    )
 
 
 def run_main_in(cwd: Path, args: list[str]) -> int:
@@ -172,7 +174,10 @@ SWEEP = {
         lambda t: ["--trainer.accelerator", "cpu", "--trainer.devices", "4096"],
         "asks for that many CPU processes",
     ),
-    "gpu-without-one": (lambda t: ["--trainer.accelerator", "gpu"], "no CUDA GPU is visible here; use --trainer.accelerator cpu"),
+    "gpu-without-one": (
+        lambda t: ["--trainer.accelerator", "gpu"],
+        "no CUDA GPU is visible here; use --trainer.accelerator cpu",
+    ),
     "unknown-precision": (lambda t: ["--trainer.precision", "bf17"], "--trainer.precision 'bf17' is not one of"),
     "yaml-unknown-key": (_yaml_with_unknown_key, "does not accept option 'model.learning_rat'"),
     "not-a-number": (lambda t: ["--data.batch_size", "many"], 'key "data.batch_size"'),

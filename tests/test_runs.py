@@ -166,7 +166,6 @@ def test_validate_needs_a_checkpoint_and_writes_no_run(
     assert run_main(["validate", *FAST, "--data.path", str(corpus), "--ckpt_path", "best"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("validate checkpoints/version_0/best.ckpt (step 10)")
-    assert "step" not in next(line for line in out.splitlines() if "val/loss" in line)
     assert _snapshot(workdir / "lightning_logs") == logs  # no new TensorBoard run, no config.yaml
     assert sorted(os.listdir(workdir)) == ["checkpoints", "lightning_logs"]
 
@@ -285,3 +284,17 @@ def test_a_gpu_config_on_a_cpu_says_so(corpus: Path, workdir: Path, capsys: pyte
         r"note: this run is sized for a GPU: on this CPU one step takes ~\d+ s; configs/small.yaml is the CPU config",
         notes[0],
     )
+
+
+@pytest.mark.slow
+def test_resume_on_more_devices(corpus: Path, tmp_path: Path) -> None:
+    """A 1-process run resumed by 2 DDP processes (CPU, gloo): the same run, trained on to the new max_steps."""
+    assert run_subprocess(["fit", *FAST, "--data.path", str(corpus)], cwd=tmp_path).returncode == 0
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    args = ["fit", *FAST, "--data.path", str(corpus), *ddp, "--ckpt_path", "last", "--trainer.max_steps", "20"]
+    result = run_subprocess(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("run version_0, resumed from checkpoints/version_0/last.ckpt at step 10")
+    assert os.listdir(tmp_path / "checkpoints") == ["version_0"]  # the second process joined rank 0's run
+    assert torch.load(tmp_path / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == 20
+    assert _steps(tmp_path / "lightning_logs" / "version_0")["val/loss"] == [10, 20]
