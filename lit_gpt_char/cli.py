@@ -146,8 +146,9 @@ class LitGPTCLI(LightningCLI):
 
     @staticmethod
     def _is_child() -> bool:
-        """A process Lightning started for DDP, re-running the command of rank 0 (which named the run)."""
-        return RUN_ENV in os.environ and os.environ.get("LOCAL_RANK", "0") != "0"
+        """A process other than rank 0 of a multi-process job: it joins the run rank 0 claims, and claims nothing.
+        Lightning's own DDP processes re-run rank 0's command and learn the run's name from RUN_ENV."""
+        return any(os.environ.get(var, "0") != "0" for var in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
@@ -156,7 +157,14 @@ class LitGPTCLI(LightningCLI):
         config = self.config[subcommand]
         if config.ckpt_path in ("hpc", "registry"):
             raise LitGPTCharError(f"--ckpt_path {config.ckpt_path} is not supported here; pass last, best or a file")
-        run_name = os.environ[RUN_ENV] if self._is_child() else config.run_name
+        run_name = config.run_name
+        if self._is_child():
+            run_name = os.environ.get(RUN_ENV, run_name)
+            if subcommand == "fit" and run_name is None:
+                raise LitGPTCharError(
+                    "a process started by an outside launcher (torchrun, srun) cannot know the run of rank 0: "
+                    "give the job a --run_name"
+                )
         run = plan_run(config.ckpt_path, run_name)
         if subcommand != "fit" and run.resume_from is None:
             which = f"run {run_name}" if run_name else "no run in checkpoints/"
