@@ -292,12 +292,12 @@ class LitGPTCLI(LightningCLI):
                 f"--model.lr_schedule {hp.lr_schedule} needs to know where it ends: set --trainer.max_steps or "
                 f"--model.decay_steps"
             )
-        if getattr(trainer.precision_plugin, "scaler", None) is not None and trainer.gradient_clip_val:
-            if hp.fused_adamw is not False:
-                raise LitGPTCharError(
-                    "--trainer.precision 16-mixed scales the loss, so a fused AdamW step cannot be clipped "
-                    "(--trainer.gradient_clip_val): use --trainer.precision bf16-mixed, or --model.fused_adamw false"
-                )
+        loss_scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        if loss_scaled and trainer.gradient_clip_val and hp.fused_adamw is not False:
+            raise LitGPTCharError(
+                "--trainer.precision 16-mixed scales the loss, so a fused AdamW step cannot be clipped "
+                "(--trainer.gradient_clip_val): use --trainer.precision bf16-mixed, or --model.fused_adamw false"
+            )
 
     def _announce(self) -> Optional[str]:
         """The run's first line: its name and folders, and where it resumes from."""
@@ -308,13 +308,13 @@ class LitGPTCLI(LightningCLI):
             return f"{self.subcommand} {config.ckpt_path} (step {self._resume_step()})"
         run = self._run
         logger = self.trainer.logger
-        logs = f"logs in {_short(logger.log_dir)}" if isinstance(logger, TensorBoardLogger) else "no logs"
+        logs = f"logs in {_short(logger.log_dir)}{os.sep}" if isinstance(logger, TensorBoardLogger) else "no logs"
         resumed = ""
         if run.resume_from is not None:
             how = "resumed from" if run.continues else "starting from the weights of"
             resumed = f", {how} {run.resume_from} at step {self._resume_step()}"
             resumed += " (the newest run)" if run.picked else ""
-        return f"run {run.name}{resumed}: checkpoints in {_short(run.checkpoint_dir)}{os.sep}, {logs}{os.sep}"
+        return f"run {run.name}{resumed}: checkpoints in {_short(run.checkpoint_dir)}{os.sep}, {logs}"
 
     def _warn_if_sized_for_a_gpu(self) -> None:
         """One line when a run on a CPU would take hours: the expected time per step, and the CPU config."""
