@@ -59,7 +59,7 @@ def run(config: str, overrides: list[str], workdir: Path) -> dict[str, float]:
     vals = val_curve(workdir)
     step, best, _ = min(vals, key=lambda r: r[1])
     last_step = max(s for s, _, _ in vals)
-    ckpt = torch.load(workdir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(next((workdir / "checkpoints").glob("*/best.ckpt")), map_location="cpu", weights_only=True)
     params = sum(t.numel() for k, t in ckpt["state_dict"].items() if k.startswith("model."))
     if ckpt["hyper_parameters"]["config"]["tie_weights"]:
         params -= ckpt["state_dict"]["model.lm_head.weight"].numel()  # stored twice, one tensor

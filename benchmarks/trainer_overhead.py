@@ -60,8 +60,8 @@ def build(config: str, steps: int, workdir: Path, overrides: list[str]) -> LitGP
     args = [
         "--config", config, *overrides, "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
         "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(workdir),
-        "--trainer.logger.init_args.save_dir", str(workdir), "--checkpoint.dirpath", str(workdir / "ckpt"),
-        "--periodic_checkpoint.dirpath", str(workdir / "ckpt"), "--sampling.final_max_new_tokens", "0",
+        "--trainer.logger.init_args.save_dir", str(workdir),
+        "--sampling.final_max_new_tokens", "0",
     ]  # fmt: skip
     return build_cli(args, run=False)
 

@@ -48,13 +48,15 @@ class SampleTextCallback(Callback):
         seed: int = 1337,
     ) -> None:
         if every_n_steps < 0 or max_new_tokens < 0 or final_max_new_tokens < 0:
-            raise LitGPTCharError("sampling: every_n_steps, max_new_tokens and final_max_new_tokens must be >= 0")
+            raise LitGPTCharError(
+                "--sampling.every_n_steps, --sampling.max_new_tokens and --sampling.final_max_new_tokens must be >= 0"
+            )
         if temperature < 0:
-            raise LitGPTCharError(f"sampling: temperature must be >= 0 (0 = greedy), got {temperature}")
+            raise LitGPTCharError(f"--sampling.temperature must be >= 0 (0 = greedy), got {temperature}")
         if top_k is not None and top_k < 1:
-            raise LitGPTCharError(f"sampling: top_k must be >= 1 (or unset), got {top_k}")
+            raise LitGPTCharError(f"--sampling.top_k must be >= 1 (or null: no cut), got {top_k}")
         if not prompt:
-            raise LitGPTCharError('sampling: the prompt is empty; use "\\n" to start from a new line')
+            raise LitGPTCharError('--sampling.prompt is empty; use "\\n" to start from a new line')
         self.every_n_steps = every_n_steps
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens

@@ -22,6 +22,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A crash or kill at any moment leaves either the previous file or the new one, never a partial
     file (Lightning's own writer moves a file from the system temp dir, a copy across filesystems).
+    The file gets the permissions of any file the user creates (the umask), not mkstemp's private 0600.
     """
 
     def save_checkpoint(
@@ -33,6 +34,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~_umask())
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
@@ -40,6 +42,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def read_checkpoint(path: str | Path) -> dict:

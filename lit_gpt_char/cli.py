@@ -10,18 +10,25 @@ errors) is printed as one line, ``error: ...``, with exit status 2 and no traceb
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import re
 import signal
 import sys
+import time
 import warnings
+from argparse import Action
+from dataclasses import fields
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Any, Optional
 
+import torch
+from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -29,65 +36,105 @@ from lit_gpt_char.callbacks import Checkpoint, InterruptCheckpoint, SampleTextCa
 from lit_gpt_char.checkpoint import read_checkpoint
 from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.errors import LitGPTCharError
+from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT
+from lit_gpt_char.parser import CLIParser
+from lit_gpt_char.precision import allow_clipping_with_fused_optimizers
+from lit_gpt_char.runs import CHECKPOINTS, RUN_ENV, Run, claim, plan_run
+from lit_gpt_char.sample import sample_cli
 
 DESCRIPTION = (
-    "Train and evaluate a character-level GPT (Karpathy's 'Let's build GPT') with PyTorch Lightning.\n"
-    "Subcommands: fit, validate, test (below) and sample (text from a checkpoint: "
-    "`lit-gpt-char sample --help`)."
+    "Train and evaluate a character-level GPT (Karpathy's 'Let's build GPT') with PyTorch Lightning. "
+    "Subcommands: fit (train), validate and test (evaluate a checkpoint), sample (text from a checkpoint: "
+    "PROG sample --help). Each subcommand lists its options: PROG fit --help."
 )
-
-
-class CLIParser(LightningArgumentParser):
-    """jsonargparse's parser, with its errors as one line instead of a page of usage."""
-
-    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
-        if not self.exit_on_error:  # jsonargparse is probing alternatives: let it raise
-            super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"error: {_one_line(message)} (options: {prog} --help)\n")
-        sys.exit(2)
-
-
-def _one_line(message: str) -> str:
-    """A jsonargparse message on one line; a value outside a set of literals becomes "X is not one of: ..."."""
-    key = re.search(r'Parser key "([^"]+)"', message)
-    given = re.search(r"Given value: (.*)", message)
-    literals = re.findall(r"typing\.Literal\[([^\]]*)\]", message)
-    if key and given and literals:
-        allowed = ", ".join(dict.fromkeys(item for group in literals for item in group.split(", ")))
-        return f"--{key.group(1)} {given.group(1).strip()!r} is not one of: {allowed}"
-    return " ".join(message.split())
+SUBCOMMAND_HELP = {
+    "fit": "Train: a new run, or resume one with --ckpt_path.",
+    "validate": "Evaluate a checkpoint (--ckpt_path) on the validation windows.",
+    "test": "The same as validate, as the test stage (the lecture has no test split).",
+}
+CKPT_PATH_HELP = {
+    "fit": "Resume from this checkpoint: last (the newest run's last.ckpt, or with --run_name that run's; with no "
+    "run yet, start one), best, or a file. A file in checkpoints/RUN/ continues run RUN.",
+    "validate": "The checkpoint to evaluate: last or best (of the newest run, or of --run_name), or a file.",
+}
 
 
 class LitGPTCLI(LightningCLI):
-    """LightningCLI with the data → model links, the sampling and checkpoint callbacks, and checkpoint checks."""
+    """LightningCLI with the data → model links, runs, the sampling and checkpoint callbacks, and every check of
+    the user's input made before Lightning prints or writes anything."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._held = HeldOutput()  # Lightning's lines wait until the input is checked: an error is the only line
+        self._run: Optional[Run] = None
+        self._ckpt: Optional[dict] = None  # the checkpoint to load, read and checked
+        self._claimed: list[Path] = []  # folders this command created, removed again if the input is rejected
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            if not self._held.released:  # failed on the user's input: nothing was written, nothing printed
+                self._held.discard()
+                for folder in self._claimed:
+                    with contextlib.suppress(OSError):  # only if still empty
+                        folder.rmdir()
+            raise
+        finally:
+            if not self._is_child():
+                os.environ.pop(RUN_ENV, None)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         commands = LightningCLI.subcommands()
         return {name: commands[name] for name in ("fit", "validate", "test")}
 
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # Lightning's help is the first line of Trainer.fit's docstring, cut mid-sentence, and generic text
+        # about ckpt_path ("registry", "hpc"): say what these do here
+        for choice in parser._subcommands_action._choices_actions:
+            choice.help = SUBCOMMAND_HELP[choice.dest]
+        for name, subparser in self._subcommand_parsers.items():
+            subparser.description = SUBCOMMAND_HELP[name]
+            _set_help(subparser, "ckpt_path", CKPT_PATH_HELP.get(name, CKPT_PATH_HELP["validate"]))
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:] if args is None else []
+        super().parse_arguments(parser, args)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--run_name",
+            type=Optional[str],
+            default=None,
+            help=(
+                "The run's name: its checkpoints go to checkpoints/NAME/ and its logs to lightning_logs/NAME/. "
+                "Unset: the next free version_N. With --ckpt_path last or best: that run's file."
+            ),
+        )
         # the data decides the vocabulary and the context length; the model follows
         parser.link_arguments("data.block_size", "model.config.block_size")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         parser.add_lightning_class_args(SampleTextCallback, "sampling")
-        parser.add_lightning_class_args(Checkpoint, "checkpoint")
-        parser.add_lightning_class_args(Checkpoint, "periodic_checkpoint")
+        # its default, a newline, would print as an invisible "default: \n": write it out (the help as given)
+        prompt = _set_help(
+            parser, "sampling.prompt", "Text the samples continue (type: str, default: '\\n', a newline)"
+        )
+        prompt._jsonargparse_preexpanded_help = True
+        # the run decides the folder of both checkpoint callbacks: no dirpath option to disagree with it
+        for key, help in CHECKPOINT_GROUPS.items():
+            parser.add_class_arguments(Checkpoint, key, fail_untyped=False, sub_configs=True, skip={"dirpath"})
+            parser.callback_keys.append(key)
+            parser.groups[key].title, parser.groups[key].description = help
         parser.set_defaults(
             {
                 # best.ckpt (lowest val/loss) and last.ckpt, written at every evaluation
-                "checkpoint.dirpath": "checkpoints",
                 "checkpoint.filename": "best",
                 "checkpoint.monitor": "val/loss",
                 "checkpoint.mode": "min",
                 "checkpoint.save_last": True,
                 "checkpoint.enable_version_counter": False,
                 # step-N.ckpt every 1000 steps, all kept, and last.ckpt refreshed with each
-                "periodic_checkpoint.dirpath": "checkpoints",
                 "periodic_checkpoint.filename": "step-{step}",
                 "periodic_checkpoint.auto_insert_metric_name": False,
                 "periodic_checkpoint.every_n_train_steps": 1000,
@@ -97,31 +144,120 @@ class LitGPTCLI(LightningCLI):
             }
         )
 
-    def _checkpoint_file(self) -> Optional[Path]:
-        """The checkpoint file the subcommand will load, if any ("last" resolved in checkpoint.dirpath)."""
-        config = self.config[self.config.subcommand]
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path == "last":
-            last = Path(config.checkpoint.dirpath or ".") / "last.ckpt"
-            return last if last.is_file() else None
-        if ckpt_path in (None, "best", "hpc", "registry"):
-            return None
-        return Path(ckpt_path)
+    @staticmethod
+    def _is_child() -> bool:
+        """A process other than rank 0 of a multi-process job: it joins the run rank 0 claims, and claims nothing.
+        Lightning's own DDP processes re-run rank 0's command and learn the run's name from RUN_ENV."""
+        return any(os.environ.get(var, "0") != "0" for var in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the model's hyperparameters from the checkpoint here: check the file first,
-        # so that a missing, truncated or foreign file is one clear error, not a traceback
-        path = self._checkpoint_file() if self.config.get("subcommand") else None
-        self._resumed = read_checkpoint(path)["hyper_parameters"] if path is not None else None
-        super()._parse_ckpt_path()
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        if config.ckpt_path in ("hpc", "registry"):
+            raise LitGPTCharError(f"--ckpt_path {config.ckpt_path} is not supported here; pass last, best or a file")
+        run_name = config.run_name
+        if self._is_child():
+            run_name = os.environ.get(RUN_ENV, run_name)
+            if subcommand == "fit" and run_name is None:
+                raise LitGPTCharError(
+                    "a process started by an outside launcher (torchrun, srun) cannot know the run of rank 0: "
+                    "give the job a --run_name"
+                )
+        run = plan_run(config.ckpt_path, run_name)
+        if subcommand != "fit" and run.resume_from is None:
+            which = f"run {run_name}" if run_name else "no run in checkpoints/"
+            raise LitGPTCharError(
+                f"{subcommand} evaluates a checkpoint: pass --ckpt_path last or best (the newest run's), or a "
+                f"checkpoint file" + (f"; --ckpt_path {config.ckpt_path}: {which} has one" if config.ckpt_path else "")
+            )
+        if run.resume_from is not None:
+            # check the file first, so that a missing, truncated or foreign file is one clear error
+            self._ckpt = read_checkpoint(run.resume_from)
+            self._apply_checkpoint(config, self._ckpt["hyper_parameters"], run.resume_from)
+        config.ckpt_path = str(run.resume_from) if run.resume_from is not None else None
+        self._run = run if subcommand == "fit" else None
+        before = {key: config.model[key] for key in MAY_CHANGE_ON_RESUME}
+        super()._parse_ckpt_path()  # LightningCLI puts the checkpoint's hyperparameters into the model's options
+        config = self.config[subcommand]
+        for key, value in before.items():
+            config.model[key] = value
+
+    def _apply_checkpoint(self, config: Namespace, hparams: dict, path: Path) -> None:
+        """The checkpoint decides the model: an option given on the command line that differs from it is an error."""
+        given = {token[2:].split("=", 1)[0] for token in self._argv if token.startswith("--")}
+        ckpt_values = {f"model.{key}": value for key, value in _flatten(hparams).items() if key != "vocab"}
+        ckpt_values["data.block_size"] = ckpt_values.pop("model.config.block_size")
+        del ckpt_values["model.config.vocab_size"]  # the corpus decides it; its vocabulary is checked on its own
+        for key, theirs in ckpt_values.items():
+            if key.rsplit(".", 1)[-1] in MAY_CHANGE_ON_RESUME or key not in config:
+                continue
+            ours = config[key]
+            if _plain(ours) != _plain(theirs) and any(key == g or key.startswith(g + ".") for g in given):
+                raise LitGPTCharError(
+                    f"--{key} {_plain(ours)} conflicts with checkpoint {path}, trained with {_plain(theirs)}: when "
+                    f"resuming, the checkpoint decides the model; pass --{key} {_plain(theirs)} or drop it, or start "
+                    f"a new run without --ckpt_path"
+                )
+        config.data.block_size = ckpt_values["data.block_size"]
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except LitGPTCharError as err:  # the model's own checks name its arguments: say which option to change
+            raise LitGPTCharError(_name_options(str(err))) from None
 
     def before_instantiate_classes(self) -> None:
         # the progress bar redraws every 10 steps: redrawing every step costs 5% of a small CPU step.
         # Lightning's TQDMProgressBar reads this variable; set it to 1 for every step
         os.environ.setdefault("TQDM_MINITERS", "10")
+        if self.subcommand is None:
+            return
+        config = self.config[self.subcommand]
+        self._check_trainer(config.trainer)
+        logger = config.trainer.logger
+        tensorboard = isinstance(logger, Namespace) and logger.class_path.endswith("TensorBoardLogger")
+        if self.subcommand != "fit":
+            # an evaluation prints its table; it is no run of its own and writes no logs or config
+            config.trainer.logger = False
+            self.save_config_callback = None
+            return
+        log_root = Path(logger.init_args.save_dir) / logger.init_args.name if tensorboard else None
+        if not self._is_child():
+            created_root = not CHECKPOINTS.is_dir()
+            self._run = claim(self._run, log_root)
+            if not self._run.continues:
+                self._claimed = [self._run.checkpoint_dir] + ([CHECKPOINTS] if created_root else [])
+        run = self._run
+        if tensorboard:
+            logger.init_args.version = run.name
+            if run.continues:
+                # one series per run: TensorBoard drops what was logged after the checkpoint resumed from
+                logger.init_args.purge_step = self._resume_step() + 1
+        if run.continues:  # the first config.yaml stays; each resume records its own command beside it
+            name = f"config-resumed-at-step-{self._resume_step()}.yaml" if run.resume_from else "config.yaml"
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": name, "overwrite": True}
+
+    def _resume_step(self) -> int:
+        return int(self._ckpt["global_step"]) if self._ckpt is not None else 0
+
+    @staticmethod
+    def _check_trainer(trainer: Namespace) -> None:
+        """Trainer options Lightning would reject with a message that does not say what to do."""
+        if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise LitGPTCharError(
+                f"--trainer.accelerator {trainer.accelerator}: no CUDA GPU is visible here; use --trainer.accelerator "
+                f"cpu (configs/small.yaml is sized for a CPU)"
+            )
+        devices = trainer.devices
+        if isinstance(devices, int) and devices != -1 and devices < 1 or devices in ("0", ""):
+            raise LitGPTCharError(f"--trainer.devices {devices}: use at least 1 (or -1 / auto for all of them)")
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
+        strategy = self.trainer.strategy
+        strategy.precision_plugin = allow_clipping_with_fused_optimizers(strategy.precision_plugin)
         # checks that need the built objects, made before the Trainer writes anything
         cores = os.cpu_count() or 1
         if isinstance(self.trainer.accelerator, CPUAccelerator) and self.trainer.num_devices > cores:
@@ -132,27 +268,189 @@ class LitGPTCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if isinstance(callback, SampleTextCallback):
                 callback.check_prompt(self.model.tokenizer)
-        if self._resumed is None:
+        self._check_optimization()
+        if self._ckpt is not None:
+            _check_vocabulary(self._ckpt["hyper_parameters"]["vocab"], self.datamodule)
+        if self.subcommand is not None:  # the run's folder; for an evaluation, that of its checkpoint
+            config = self.config[self.subcommand]
+            folder = self._run.checkpoint_dir if self._run is not None else Path(config.ckpt_path).parent
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, Checkpoint):
+                    callback.dirpath = os.path.realpath(folder)
+        self._held.release(self._announce())
+        if self.subcommand == "fit" and not self._is_child():
+            self._warn_if_sized_for_a_gpu()
+        if self._run is not None:
+            os.environ[RUN_ENV] = self._run.name
+
+    def _check_optimization(self) -> None:
+        """Settings that LitGPT or Lightning would reject only once training has started."""
+        hp, trainer = self.model.hparams, self.trainer
+        scheduled = hp.lr_schedule != "constant" or hp.warmup_steps > 0
+        if self.subcommand == "fit" and scheduled and not hp.decay_steps and not (trainer.max_steps or 0) > 0:
+            raise LitGPTCharError(
+                f"--model.lr_schedule {hp.lr_schedule} needs to know where it ends: set --trainer.max_steps or "
+                f"--model.decay_steps"
+            )
+        loss_scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        if loss_scaled and trainer.gradient_clip_val and hp.fused_adamw is not False:
+            raise LitGPTCharError(
+                "--trainer.precision 16-mixed scales the loss, so a fused AdamW step cannot be clipped "
+                "(--trainer.gradient_clip_val): use --trainer.precision bf16-mixed, or --model.fused_adamw false"
+            )
+
+    def _announce(self) -> Optional[str]:
+        """The run's first line: its name and folders, and where it resumes from."""
+        if self._is_child() or self.subcommand is None:
+            return None
+        config = self.config[self.subcommand]
+        if self._run is None:
+            return f"{self.subcommand} {config.ckpt_path} (step {self._resume_step()})"
+        run = self._run
+        logger = self.trainer.logger
+        logs = f"logs in {_short(logger.log_dir)}{os.sep}" if isinstance(logger, TensorBoardLogger) else "no logs"
+        resumed = ""
+        if run.resume_from is not None:
+            how = "resumed from" if run.continues else "starting from the weights of"
+            resumed = f", {how} {run.resume_from} at step {self._resume_step()}"
+            resumed += " (the newest run)" if run.picked else ""
+        return f"run {run.name}{resumed}: checkpoints in {_short(run.checkpoint_dir)}{os.sep}, {logs}"
+
+    def _warn_if_sized_for_a_gpu(self) -> None:
+        """One line when a run on a CPU would take hours: the expected time per step, and the CPU config."""
+        if not isinstance(self.trainer.accelerator, CPUAccelerator):
             return
-        data, ckpt_vocab = self.datamodule, self._resumed["vocab"]
-        if ckpt_vocab != data.vocab:
-            ours, theirs = set(data.vocab), set(ckpt_vocab)
-            diff = ", ".join(
-                f"{label}: {''.join(sorted(chars))!r}"
-                for label, chars in (("only in the corpus", ours - theirs), ("only in the checkpoint", theirs - ours))
-                if chars
-            )
-            raise LitGPTCharError(
-                f"the checkpoint's vocabulary ({len(ckpt_vocab)} characters) differs from that of corpus {data.path} "
-                f"({len(data.vocab)} characters; {diff or 'same characters, other order'}). Use the corpus the "
-                f"checkpoint was trained on (--data.path), or start a new run without --ckpt_path"
-            )
-        ckpt_block = self._resumed["config"]["block_size"]
-        if ckpt_block != data.block_size:
-            raise LitGPTCharError(
-                f"the checkpoint was trained with block_size {ckpt_block}, the data is set to {data.block_size}; "
-                f"pass --data.block_size {ckpt_block}"
-            )
+        gpt = self.model.model
+        windows = self.config["fit"].data.batch_size * self.trainer.accumulate_grad_batches
+        # 6 FLOPs per parameter per token for forward + backward: under ~1e11 a step is well under a second
+        if 6 * sum(p.numel() for p in gpt.parameters()) * windows * gpt.config.block_size < 1e11:
+            return
+        with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+            start = time.perf_counter()
+            gpt(torch.zeros(2, gpt.config.block_size, dtype=torch.long))  # two windows, in the run's precision
+            forward = time.perf_counter() - start
+        seconds = 3 * forward * windows / 2  # the backward pass costs about twice the forward
+        if seconds < 1:
+            return
+        steps = self.trainer.max_steps
+        total = f" ({steps} steps: ~{steps * seconds / 3600:.1f} h)" if steps and steps > 0 else ""
+        print(
+            f"note: this run is sized for a GPU: on this CPU one step takes ~{seconds:.0f} s{total}; "
+            f"configs/small.yaml is the CPU config",
+            flush=True,
+        )
+
+
+CHECKPOINT_GROUPS = {  # title and description of each group in fit --help
+    "checkpoint": (
+        "best and last checkpoints",
+        "best.ckpt (lowest val/loss) and last.ckpt, written at every evaluation into the run's folder "
+        "checkpoints/RUN/ (Lightning's ModelCheckpoint).",
+    ),
+    "periodic_checkpoint": (
+        "periodic checkpoints",
+        "step-N.ckpt every every_n_train_steps optimizer steps, all kept (save_top_k -1; 0 turns "
+        "them off), refreshing last.ckpt, in the same folder (Lightning's ModelCheckpoint).",
+    ),
+}
+# settings of the checkpoint's model that a resumed run may change: how the step is computed, not what
+MAY_CHANGE_ON_RESUME = ("compile", "fused_adamw")
+
+
+def _name_options(message: str) -> str:
+    """``message`` with the first mention of each model argument written as its option (--model.config.n_head)."""
+    options = {
+        f.name: f"--model.config.{f.name}" for f in fields(GPTConfig) if f.name not in ("vocab_size", "block_size")
+    }
+    options |= {
+        name: f"--model.{name}" for name in inspect.signature(LitGPT).parameters if name not in ("vocab", "config")
+    }
+    for name, option in options.items():
+        message = re.sub(rf"(?<![\w.-]){name}\b", option, message, count=1)
+    return message
+
+
+def _set_help(parser: LightningArgumentParser, dest: str, help: str) -> Action:
+    action = next(action for action in parser._actions if action.dest == dest)
+    action.help = help
+    return action
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _short(path: str | Path) -> str:
+    """A path under the working directory, relative to it."""
+    path = Path(os.path.realpath(path))
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def _check_vocabulary(ckpt_vocab: str, data: ShakespeareDataModule) -> None:
+    if ckpt_vocab == data.vocab:
+        return
+    ours, theirs = set(data.vocab), set(ckpt_vocab)
+    diff = ", ".join(
+        f"{label}: {''.join(sorted(chars))!r}"
+        for label, chars in (("only in the corpus", ours - theirs), ("only in the checkpoint", theirs - ours))
+        if chars
+    )
+    raise LitGPTCharError(
+        f"the checkpoint's vocabulary ({len(ckpt_vocab)} characters) differs from that of corpus {data.path} "
+        f"({len(data.vocab)} characters; {diff or 'same characters, other order'}). Use the corpus the "
+        f"checkpoint was trained on (--data.path), or start a new run without --ckpt_path"
+    )
+
+
+class HeldOutput:
+    """Keeps Lightning's log lines and warnings back until :meth:`release`, so that when a check of the user's
+    input fails, its error is the only line printed (:meth:`discard`)."""
+
+    def __init__(self) -> None:
+        self.released = False
+        self._records: dict[int, logging.LogRecord] = {}
+        self._handlers = {
+            handler
+            for name in ("lightning.pytorch", "lightning.fabric", "")
+            for handler in logging.getLogger(name).handlers
+        }
+        for handler in self._handlers:
+            handler.addFilter(self)
+        self._warnings = warnings.catch_warnings(record=True)
+        self._caught = self._warnings.__enter__()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self._records[id(record)] = record
+        return False
+
+    def _stop(self) -> None:
+        for handler in self._handlers:
+            handler.removeFilter(self)
+        self._warnings.__exit__(None, None, None)
+        self.released = True
+
+    def release(self, first_line: Optional[str] = None) -> None:
+        """Print ``first_line``, then what was held, in order."""
+        self._stop()
+        if first_line:
+            print(first_line, flush=True)
+        for record in self._records.values():
+            logging.getLogger(record.name).handle(record)
+        for w in self._caught:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+    def discard(self) -> None:
+        self._stop()
 
 
 class QuietProfiler(PassThroughProfiler):
@@ -180,9 +478,22 @@ TRAINER_DEFAULTS = {
 }
 
 
-class _DropTips(logging.Filter):
+class _Quiet(logging.Filter):
+    """Lightning's lines that say nothing to act on: tips, and on an interrupt the three lines before the one of
+    InterruptCheckpoint that says what was saved and how to resume."""
+
+    LOGGERS = (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.pytorch.trainer.connectors.signal_connector",
+        "lightning.pytorch.trainer.connectors.checkpoint_connector",
+    )
+    MESSAGES = ("💡 Tip", "\nDetected KeyboardInterrupt", "[rank: ", "`weights_only` was not set")
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
+        return not str(record.msg).startswith(self.MESSAGES)
+
+
+_QUIET = _Quiet()
 
 
 def _prog() -> str:
@@ -193,16 +504,19 @@ def _prog() -> str:
 def build_cli(args: Optional[list[str]] = None, run: bool = True) -> LitGPTCLI:
     """Parse ``args`` (default: sys.argv[1:]) and, with ``run``, run the subcommand (fit/validate/test);
     without, ``args`` has no subcommand and the CLI only builds the model, data and Trainer."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
-    # noise on every run: a torch deprecation inside Lightning, and the reuse of checkpoints/ by design
+    for name in _Quiet.LOGGERS:
+        logging.getLogger(name).addFilter(_QUIET)
+    # noise on every run: a torch deprecation inside Lightning, and the reuse of a run's folder on resume
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # under DDP: LitGPT's val/loss is synced by torchmetrics and "step" is the same on every rank
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('((val|test)/\w+|step)'")
     return LitGPTCLI(
         LitGPT,
         ShakespeareDataModule,
         trainer_defaults=TRAINER_DEFAULTS,
         seed_everything_default=1337,
-        parser_kwargs={"description": DESCRIPTION, "prog": _prog()},
+        parser_kwargs={"description": DESCRIPTION.replace("PROG", _prog()), "prog": _prog()},
         parser_class=CLIParser,
         auto_configure_optimizers=False,
         load_from_checkpoint_support=False,
@@ -215,10 +529,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of every console script."""
     try:
         args = sys.argv[1:] if argv is None else argv
+        if not args:
+            raise LitGPTCharError(
+                f"give a subcommand: fit, validate, test or sample (what each does: {_prog()} --help)"
+            )
         if args[:1] == ["sample"]:
-            from lit_gpt_char.sample import sample_cli
-
-            sample_cli(args[1:])
+            sample_cli(args[1:], _prog())
         else:
             build_cli(argv)
     except (LitGPTCharError, MisconfigurationException) as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 from typing import Literal, Optional
@@ -10,6 +11,7 @@ import torch
 
 from lit_gpt_char.checkpoint import load_checkpoint
 from lit_gpt_char.errors import LitGPTCharError
+from lit_gpt_char.parser import CLIParser
 
 
 def sample(
@@ -70,13 +72,17 @@ def sample(
         use_cache=use_cache,
         refill=refill,
     )
+    try:  # the generator checks its options when it starts: before anything is written
+        first = next(tokens, None)
+    except LitGPTCharError as err:
+        raise LitGPTCharError(f"--{err}") from None  # its messages begin with the option's name
     start = tokenizer.decode(ids)
     out = sys.stdout
     if num_samples > 1:
         out.write("===== sample 1 =====\n")
     out.write(start)
     new: list[torch.Tensor] = []
-    for token in tokens:
+    for token in itertools.chain([first] if first is not None else [], tokens):
         new.append(token)
         out.write(tokenizer.decode([int(token[0])]))
         out.flush()
@@ -88,11 +94,9 @@ def sample(
     return texts
 
 
-def sample_cli(args: list[str]) -> None:
-    """Parse ``lit-gpt-char sample`` options and run :func:`sample`."""
-    from lit_gpt_char.cli import CLIParser  # errors on one line, as for fit
-
-    parser = CLIParser(prog="lit-gpt-char sample", description=sample.__doc__.split("\n\n")[0])
+def sample_cli(args: list[str], prog: str = "lit-gpt-char") -> None:
+    """Parse ``PROG sample`` options (PROG: the command the user typed) and run :func:`sample`."""
+    parser = CLIParser(prog=f"{prog} sample", description=sample.__doc__.split("\n\n")[0])
     parser.add_function_arguments(sample, as_group=False)
     cfg = parser.parse_args(args)
     sample(**cfg.as_dict())

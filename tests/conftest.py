@@ -99,7 +99,7 @@ def outputs_under(path: Path) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """checkpoints/last.ckpt of one 20-step tiny run, shared by the tests that only read it."""
+    """checkpoints/version_0/last.ckpt of one 20-step tiny run, shared by the tests that only read it."""
     work = tmp_path_factory.mktemp("tiny_run")
     corpus = work / "corpus.txt"
     corpus.write_text(make_text(30_000), encoding="utf-8")
@@ -109,4 +109,4 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert run_main(["fit", *TINY, "--data.path", str(corpus)]) == 0
     finally:
         os.chdir(previous)
-    return work / "checkpoints" / "last.ckpt"
+    return work / "checkpoints" / "version_0" / "last.ckpt"

@@ -46,7 +46,7 @@ def trained(corpus: Path, workdir: Path, capsys: pytest.CaptureFixture) -> tuple
 
 def test_fit_writes_checkpoints_metrics_and_samples(trained: tuple[Path, str], corpus: Path) -> None:
     workdir, out = trained
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (workdir / "checkpoints" / "version_0").iterdir()) == ["best.ckpt", "last.ckpt"]
     # periodic samples every 10 steps and a final one, printed once each
     assert out.count("----- samples at step 10 -----") == 1 and out.count("----- samples at step 20 -----") == 1
     assert out.count("----- samples/final at step 20 -----") == 1
@@ -67,23 +67,23 @@ def test_checkpoint_is_self_contained(trained: tuple[Path, str], corpus: Path) -
     workdir, _ = trained
     text = corpus.read_text()
     corpus.unlink()  # sampling must need nothing but the checkpoint
-    ckpt = torch.load(workdir / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt = torch.load(workdir / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["vocab"] == "".join(sorted(set(text)))
     assert ckpt["global_step"] == 20
-    model, tokenizer = load_checkpoint(workdir / "checkpoints" / "last.ckpt")
+    model, tokenizer = load_checkpoint(workdir / "checkpoints" / "version_0" / "last.ckpt")
     out = model.generate(tokenizer.encode("ROMEO:")[None], 30, generator=torch.Generator().manual_seed(0))
     assert tokenizer.decode(out[0]).startswith("ROMEO:") and out.shape == (1, 36)
     # Lightning's own loader rebuilds the module from the same file
-    lit = LitGPT.load_from_checkpoint(workdir / "checkpoints" / "last.ckpt")
+    lit = LitGPT.load_from_checkpoint(workdir / "checkpoints" / "version_0" / "last.ckpt")
     assert torch.equal(lit.model.wte.weight, model.wte.weight)
 
 
-@pytest.mark.parametrize("ckpt_path", ["last", "checkpoints/last.ckpt"])
+@pytest.mark.parametrize("ckpt_path", ["last", "checkpoints/version_0/last.ckpt"])
 def test_resume_continues_from_the_checkpoint(trained: tuple[Path, str], corpus: Path, ckpt_path: str) -> None:
     workdir, _ = trained
     args = ["fit", *TINY, "--data.path", str(corpus), "--trainer.max_steps", "30", "--ckpt_path", ckpt_path]
     assert run_main(args) == 0
-    assert torch.load(workdir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
+    assert torch.load(workdir / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == 30
     scalars, _ = read_events(workdir / "lightning_logs")
     assert [step for step, _ in scalars["val/loss"]] == [10, 20, 30]
 
@@ -93,9 +93,9 @@ def test_validate_and_test_on_a_checkpoint(
     trained: tuple[Path, str], corpus: Path, subcommand: str, capsys: pytest.CaptureFixture
 ) -> None:
     workdir, _ = trained
-    best = torch.load(workdir / "checkpoints" / "best.ckpt", weights_only=True)
+    best = torch.load(workdir / "checkpoints" / "version_0" / "best.ckpt", weights_only=True)
     score = next(v["best_model_score"] for k, v in best["callbacks"].items() if "'monitor': 'val/loss'" in k)
-    args = [subcommand, *TINY, "--data.path", str(corpus), "--ckpt_path", "checkpoints/best.ckpt"]
+    args = [subcommand, *TINY, "--data.path", str(corpus), "--ckpt_path", "checkpoints/version_0/best.ckpt"]
     assert run_main(args) == 0
     out = capsys.readouterr().out
     prefix = "val" if subcommand == "validate" else "test"
@@ -137,7 +137,7 @@ def test_fit_help_documents_every_option(capsys: pytest.CaptureFixture) -> None:
     missing = [option for option in expected if option not in out]
     assert not missing
     assert "lacks type and help" not in out
-    assert "--trainer.precision" in out and "--checkpoint.dirpath" in out
+    assert "--trainer.precision" in out and "--run_name" in out and "--checkpoint.save_top_k" in out
 
 
 @pytest.mark.parametrize(
@@ -179,7 +179,7 @@ BAD_INPUTS = {
     ),
     "empty-file": (lambda tmp: ["--data.path", _empty_corpus(tmp)], "is empty"),
     "short-split": (lambda tmp: ["--data.path", _short_corpus(tmp)], "fewer than block_size"),
-    "n_embd-n_head": (lambda tmp: ["--model.config.n_head", "5"], "divisible by n_head"),
+    "n_embd-n_head": (lambda tmp: ["--model.config.n_head", "5"], "must be divisible by --model.config.n_head (5)"),
     "block_size-0": (lambda tmp: ["--data.block_size", "0"], "block_size must be at least 1"),
     "prompt-not-in-vocab": (lambda tmp: ["--sampling.prompt", "€"], "not in the model's vocabulary"),
 }

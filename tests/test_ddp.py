@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -37,16 +38,19 @@ def test_two_process_ddp(
     assert len(ranks[0]["val_losses"]) == 2
 
     # only rank 0 writes checkpoints, logs and samples
-    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert os.listdir(work / "checkpoints") == ["version_0"]  # rank 1 wrote into the run rank 0 named
+    assert sorted(p.name for p in (work / "checkpoints" / "version_0").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert len([p for p in files_under(work / "lightning_logs") if "events" in p]) == 1
     assert result.stdout.count("----- samples at step 10 -----") == 1
     assert result.stdout.count("----- samples/final at step 20 -----") == 1
 
     # the synced val loss equals a single-process evaluation of every window with the final weights
     monkeypatch.chdir(work)
-    assert torch.load(work / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
+    assert torch.load(work / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == 20
     capsys.readouterr()
-    assert run_main(["validate", *TINY, "--data.path", str(corpus), "--ckpt_path", "checkpoints/last.ckpt"]) == 0
+    assert (
+        run_main(["validate", *TINY, "--data.path", str(corpus), "--ckpt_path", "checkpoints/version_0/last.ckpt"]) == 0
+    )
     line = next(line for line in capsys.readouterr().out.splitlines() if "val/loss" in line)
     assert float(line.split()[-1].strip("│")) == pytest.approx(ranks[0]["val_losses"][-1], abs=1e-5)
 
@@ -85,4 +89,4 @@ def test_ddp_divergence_on_one_rank_stops_every_rank(corpus: Path, tmp_path: Pat
     assert result.returncode == 2, result.stderr[-3000:]
     assert "error: training diverged: the loss is nan at step 15" in result.stderr  # rank 1
     assert "error: training diverged: the loss is not finite on another rank at step 15" in result.stderr
-    assert torch.load(work / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+    assert torch.load(work / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == 10

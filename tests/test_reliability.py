@@ -42,8 +42,8 @@ def test_resumed_run_equals_an_unbroken_one(corpus: Path, tmp_path: Path, monkey
     expected, got = _losses(straight / "lightning_logs"), _losses(broken / "lightning_logs")
     assert sorted(expected) == sorted(got) == list(range(1, 61))
     assert [got[s] for s in range(1, 61)] == [expected[s] for s in range(1, 61)]  # every step, bitwise
-    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=True)
+    a = torch.load(straight / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)
+    b = torch.load(broken / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 60
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
@@ -64,7 +64,7 @@ def test_interrupt_saves_a_checkpoint_that_resumes(corpus: Path, tmp_path: Path,
     args = ["fit", *TINY, "--data.path", str(corpus), "--trainer.max_steps", "100000"]
     proc = _start(args, tmp_path)
     deadline = time.monotonic() + 120
-    while not (tmp_path / "checkpoints" / "best.ckpt").exists():  # training is under way
+    while not (tmp_path / "checkpoints" / "version_0" / "best.ckpt").exists():  # training is under way
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
     proc.send_signal(sig)
@@ -72,14 +72,16 @@ def test_interrupt_saves_a_checkpoint_that_resumes(corpus: Path, tmp_path: Path,
     assert proc.returncode == code, err
     line = next(line for line in err.splitlines() if line.startswith("interrupted"))
     step = int(line.split("after step ")[1].split(":")[0])
-    assert f"interrupted by {name} after step {step}: saved checkpoints/last.ckpt; resume" in line
+    assert f"interrupted by {name} after step {step}: saved checkpoints/version_0/last.ckpt; resume" in line
     assert "Traceback" not in err
-    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    saved = torch.load(tmp_path / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == step >= 10
     # resuming continues from that very step
     resume = ["fit", *TINY, "--data.path", str(corpus), "--trainer.max_steps", str(step + 3), "--ckpt_path", "last"]
     assert run_main_in(tmp_path, resume) == 0
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step + 3
+    assert (
+        torch.load(tmp_path / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == step + 3
+    )
 
 
 def run_main_in(cwd: Path, args: list[str]) -> int:
@@ -93,10 +95,10 @@ def run_main_in(cwd: Path, args: list[str]) -> int:
 def test_periodic_checkpoints(corpus: Path, workdir: Path) -> None:
     args = ["fit", *TINY, "--data.path", str(corpus), "--periodic_checkpoint.every_n_train_steps", "7"]
     assert run_main(args) == 0
-    names = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    names = sorted(p.name for p in (workdir / "checkpoints" / "version_0").iterdir())
     assert names == ["best.ckpt", "last.ckpt", "step-14.ckpt", "step-7.ckpt"]
-    assert torch.load(workdir / "checkpoints" / "step-14.ckpt", weights_only=True)["global_step"] == 14
-    assert torch.load(workdir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
+    assert torch.load(workdir / "checkpoints" / "version_0" / "step-14.ckpt", weights_only=True)["global_step"] == 14
+    assert torch.load(workdir / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == 20
 
 
 def test_a_crash_while_saving_leaves_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,8 +127,8 @@ def test_divergence_stops_with_the_step_and_keeps_checkpoints(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: training diverged: the loss is nan at step 15")
     assert "last.ckpt" in err[0]
-    best = torch.load(workdir / "checkpoints" / "best.ckpt", weights_only=True)
-    last = torch.load(workdir / "checkpoints" / "last.ckpt", weights_only=True)
+    best = torch.load(workdir / "checkpoints" / "version_0" / "best.ckpt", weights_only=True)
+    last = torch.load(workdir / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)
     assert best["global_step"] == last["global_step"] == 10  # nothing written after the divergence
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
 
@@ -140,7 +142,7 @@ def test_divergence_on_an_accelerator_is_caught_without_a_per_step_sync(
     assert run_main([*args, "--trainer.callbacks.at_step", "15"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: training diverged: the loss is not finite at step 15")
-    last = torch.load(workdir / "checkpoints" / "last.ckpt", weights_only=True)
+    last = torch.load(workdir / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 10  # found before the evaluation at step 20 could save anything
 
 
@@ -177,7 +179,10 @@ SWEEP = {
         lambda t: ["--trainer.accelerator", "cpu", "--trainer.devices", "4096"],
         "asks for that many CPU processes",
     ),
-    "gpu-without-one": (lambda t: ["--trainer.accelerator", "gpu"], "No supported gpu backend found"),
+    "gpu-without-one": (
+        lambda t: ["--trainer.accelerator", "gpu"],
+        "no CUDA GPU is visible here; use --trainer.accelerator cpu",
+    ),
     "unknown-precision": (lambda t: ["--trainer.precision", "bf17"], "--trainer.precision 'bf17' is not one of"),
     "yaml-unknown-key": (_yaml_with_unknown_key, "does not accept option 'model.learning_rat'"),
     "not-a-number": (lambda t: ["--data.batch_size", "many"], 'key "data.batch_size"'),

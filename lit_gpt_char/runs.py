@@ -1,0 +1,121 @@
+"""Runs: each `fit` has one identity naming its checkpoint folder and its TensorBoard log folder.
+
+    checkpoints/version_3/{best,last,step-N}.ckpt   beside   lightning_logs/version_3/events…
+
+A new run claims its checkpoint folder with one atomic ``mkdir`` (two runs started together get
+different names), so it never writes into another run's folders. Resuming a run's checkpoint continues
+that run: the same folders, and TensorBoard is told to drop what was logged after the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from lit_gpt_char.errors import LitGPTCharError
+
+CHECKPOINTS = Path("checkpoints")  # the home of every run's checkpoint folder, relative to the working directory
+# rank 0 hands the run's name to the processes Lightning starts for DDP, which re-run the same command
+RUN_ENV = "LIT_GPT_CHAR_RUN"
+_VERSION = re.compile(r"version_(\d+)")
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run's identity and where it writes.
+
+    Args:
+        name: The run's name: ``version_N`` or the user's ``--run_name``.
+        checkpoint_dir: Where its checkpoints go (``checkpoints/<name>``).
+        resume_from: The checkpoint file training continues from, if any.
+        continues: Whether this run is the one ``resume_from`` belongs to (same folders), rather than a new
+            run started from another's weights.
+        picked: Whether ``--ckpt_path last`` chose the run (the message says so).
+    """
+
+    name: str
+    checkpoint_dir: Path
+    resume_from: Optional[Path] = None
+    continues: bool = False
+    picked: bool = False
+
+
+def newest_run(root: Path = CHECKPOINTS) -> Optional[Path]:
+    """The checkpoint folder under ``root`` whose last.ckpt was written most recently, or None."""
+    lasts = [p for p in root.glob("*/last.ckpt") if p.is_file()]
+    return max(lasts, key=lambda p: p.stat().st_mtime).parent if lasts else None
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one plain folder name."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name or name != name.strip():
+        raise LitGPTCharError(f"--run_name {name!r} must be a plain folder name (e.g. --run_name baseline)")
+
+
+def plan_run(ckpt_path: Optional[str], run_name: Optional[str], root: Path = CHECKPOINTS) -> Run:
+    """Which run ``--ckpt_path`` and ``--run_name`` ask for, before anything is written.
+
+    "last" / "best" name that file of run ``run_name``, or of the newest run when no name is given; "last"
+    with no such run starts a new one (so one command both starts and resumes a job). A checkpoint file
+    inside ``root/<name>/`` continues run <name> unless another ``run_name`` is given; then, as for any
+    other file, a new run starts from its weights.
+    """
+    if run_name is not None:
+        check_run_name(run_name)
+    new = Run(run_name or "", root / (run_name or ""))  # a new run; unnamed ones are numbered when claimed
+    if ckpt_path in ("last", "best"):
+        folder = root / run_name if run_name else newest_run(root)
+        path = folder / f"{ckpt_path}.ckpt" if folder is not None else None
+        if path is not None and path.is_file():
+            return Run(folder.name, folder, path, continues=True, picked=run_name is None)
+        if ckpt_path == "best":
+            where = f"run {run_name}" if run_name else f"the newest run in {root}/"
+            raise LitGPTCharError(f"--ckpt_path best: {where} has no best.ckpt; pass a checkpoint file instead")
+        if folder is not None and folder.is_dir():  # the named run stopped before its first checkpoint
+            return Run(folder.name, folder, None, continues=True)
+        return new
+    if ckpt_path is None:
+        return new
+    path = Path(ckpt_path)
+    folder = path.resolve().parent
+    if folder.parent == root.resolve() and run_name in (None, folder.name):
+        return Run(folder.name, root / folder.name, path, continues=True)
+    return Run(new.name, new.checkpoint_dir, path)
+
+
+def claim(run: Run, log_root: Optional[Path], root: Path = CHECKPOINTS) -> Run:
+    """Create a new run's checkpoint folder, atomically: the run that creates it owns it.
+
+    A continued run owns its folder already. A new named run fails if the name is taken; a new numbered
+    run takes the next free ``version_N`` (counting log folders too, so no old log folder is reused),
+    trying the next number if another run claimed that one first.
+    """
+    if run.continues:
+        return run
+    if run.name:
+        try:
+            if log_root is not None and (log_root / run.name).exists():
+                raise FileExistsError
+            run.checkpoint_dir.mkdir(parents=True)
+        except FileExistsError:
+            raise LitGPTCharError(
+                f"run {run.name} exists already ({run.checkpoint_dir}); resume it with --ckpt_path last "
+                f"--run_name {run.name}, or choose another --run_name"
+            ) from None
+        return run
+    roots = [r for r in (root, log_root) if r is not None and r.is_dir()]
+    version = 1 + max(
+        (int(m.group(1)) for r in roots for p in r.iterdir() if (m := _VERSION.fullmatch(p.name))), default=-1
+    )
+    while True:
+        name = f"version_{version}"
+        if log_root is None or not (log_root / name).exists():
+            try:
+                (root / name).mkdir(parents=True)
+                return Run(name, root / name, run.resume_from)
+            except FileExistsError:
+                pass
+        version += 1
