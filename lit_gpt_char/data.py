@@ -193,7 +193,8 @@ class FixedWindows:
 
     ``count`` windows at offsets drawn once from a fixed seed (the lecture's estimate_loss draws
     200 × 16 random ones each time); ``count=None`` tiles the whole split with non-overlapping
-    windows, so every character after the first is predicted exactly once.
+    windows, so every character after the first is predicted exactly once. ``len()`` is the number
+    of batches ``iter()`` yields, the short last tile's own batch included: Lightning stops after len().
     """
 
     def __init__(
@@ -204,23 +205,28 @@ class FixedWindows:
         else:
             generator = torch.Generator().manual_seed(0)
             starts = torch.randint(len(ids) - block_size, (count,), generator=generator)
+        if len(starts) < world_size:
+            # a rank with nothing to evaluate would leave the others waiting in the val/loss sync
+            raise LitGPTCharError(
+                f"validation has {len(starts)} window(s) for {world_size} processes, each of which needs at least "
+                f"one; use --data.val_windows {world_size} or more (null: the whole split), or fewer --trainer.devices"
+            )
         self.ids = ids
         self.block_size = block_size
-        self.starts = starts[rank::world_size]
-        self.batch_size = batch_size
+        # the last tile may be short: batches keep one length, so a ragged tail comes as its own batch
+        self._batches: list[torch.Tensor] = []
+        for chunk in starts[rank::world_size].split(batch_size):
+            full = chunk[chunk + block_size < len(ids)]
+            self._batches += [group for group in (full, chunk[len(full) :]) if len(group)]
 
     def __len__(self) -> int:
-        return -(-len(self.starts) // self.batch_size)
+        return len(self._batches)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # the last tile may be short: batches keep one length, so ragged tails come as their own batch
-        for chunk in self.starts.split(self.batch_size):
-            full = chunk[chunk + self.block_size < len(self.ids)]
-            for group in (full, chunk[len(full) :]):
-                if len(group):
-                    span = min(self.block_size, len(self.ids) - 1 - int(group[0]))
-                    windows = self.ids[group[:, None] + torch.arange(span + 1)].long()
-                    yield windows[:, :-1], windows[:, 1:]
+        for group in self._batches:
+            span = min(self.block_size, len(self.ids) - 1 - int(group[0]))
+            windows = self.ids[group[:, None] + torch.arange(span + 1)].long()
+            yield windows[:, :-1], windows[:, 1:]
 
 
 class ShakespeareDataModule(LightningDataModule):
@@ -326,6 +332,7 @@ class ShakespeareDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self._load()
+        self.val_dataloader()  # too few validation windows for the world size: the error comes now, not mid-run
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
