@@ -94,7 +94,9 @@ class LitGPT(LightningModule):
         self.save_hyperparameters()
         self.tokenizer = CharTokenizer(vocab)
         self.model = GPT(shape)
-        self._forward = torch.compile(self.model) if compile else self.model
+        # a function, not a second module attribute: the weights are stored once, named model.*, whether
+        # compiled or not (a checkpoint then resumes with compile switched either way)
+        self._forward = torch.compile(self.model.forward) if compile else self.model.forward
         self._train_loss_sum: torch.Tensor | float = 0.0
         self._train_loss_count = 0
         self._first_bad: Optional[torch.Tensor] = None  # see _watch_finite
@@ -225,6 +227,10 @@ class LitGPT(LightningModule):
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # checkpoints written before the weights were stored once also hold a copy of each under _forward.*
+        state = checkpoint["state_dict"]
+        for key in [key for key in state if key.startswith("_forward.")]:
+            del state[key]
         states = checkpoint.get("rng_states", {})
         if "torch" in states:
             torch.set_rng_state(states["torch"])
