@@ -150,21 +150,26 @@ class RandomWindows:
 
     That makes the stream resumable exactly from one number, on every rank at once: the state is the
     index of the next batch. ``len()`` is a nominal epoch (one pass worth of tokens) so that Lightning
-    shows progress and does not prefetch ahead of the state it saves.
+    shows progress and does not prefetch ahead of the state it saves, rounded up to whole gradient
+    accumulation windows of ``accumulate`` batches (Lightning steps early on an epoch's last batch).
     """
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, block_size: int, seed: int, rank: int) -> None:
+    def __init__(
+        self, ids: torch.Tensor, batch_size: int, block_size: int, seed: int, rank: int, accumulate: int = 1
+    ) -> None:
         self.ids = ids
         self.batch_size = batch_size
         self.block_size = block_size
         self.seed = seed
         self.rank = rank
+        self.accumulate = accumulate
         self.next_batch = 0
         self._offsets = torch.arange(block_size + 1, device=ids.device)
         self._generator = torch.Generator(device=ids.device)
 
     def __len__(self) -> int:
-        return max(1, len(self.ids) // (self.batch_size * self.block_size))
+        windows = max(1, -(-(len(self.ids) // (self.batch_size * self.block_size)) // self.accumulate))
+        return windows * self.accumulate
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``n`` of this rank's stream: x (B, T) and y, x shifted by one (int64)."""
@@ -345,7 +350,8 @@ class ShakespeareDataModule(LightningDataModule):
             train = train.to(self.trainer.strategy.root_device)
         rank, _ = self._rank()
         state = self._train.state_dict() if self._train is not None else None
-        self._train = RandomWindows(train, self.batch_size, self.block_size, self.seed, rank)
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        self._train = RandomWindows(train, self.batch_size, self.block_size, self.seed, rank, accumulate)
         if state is not None:
             self._train.load_state_dict(state)
         return self._train

@@ -3,10 +3,14 @@ under every setting a user can turn on (issue 15)."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.nn import functional as F
 
 from lit_gpt_char.checkpoint import load_checkpoint
@@ -15,7 +19,7 @@ from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT
 
-from .conftest import TINY, run_main, run_subprocess
+from .conftest import TINY, make_text, run_main, run_subprocess
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
 
@@ -61,7 +65,7 @@ def test_fixed_windows_len_counts_the_short_last_batch(corpus: Path) -> None:
 def test_whole_split_validation_under_the_trainer_scores_every_target(
     devices: int, tiny_checkpoint: Path, corpus: Path, workdir: Path
 ) -> None:
-    # the tiny checkpoint was trained on make_text(30_000), as `corpus` is: 3,001 characters, 3,000 validation targets, tiles of 16,
+    # the tiny checkpoint was trained on make_text(30_000), as `corpus` is: 3,000 validation targets, tiles of 16,
     # batches of 32 windows: a short last tile in a batch of its own (on one of the ranks under DDP)
     expected, count = _whole_split_loss(tiny_checkpoint, corpus, 16)
     assert count == 3000
@@ -114,3 +118,129 @@ def test_a_checkpoint_with_the_old_duplicate_keys_still_loads(tiny_checkpoint: P
     torch.save(ckpt, old)
     module = LitGPT.load_from_checkpoint(old)
     assert torch.equal(module.model.wte.weight, ckpt["state_dict"]["model.wte.weight"])
+
+
+# ---- the exactness matrix: stopped and resumed equals unbroken (items 3, 4, 5, 6, 9) ----
+
+# dropout and a warmup + cosine schedule make the global RNG and the scheduler matter; log every 5, evaluate every 10
+EXACT = [
+    *TINY, "--model.config.dropout", "0.1", "--model.warmup_steps", "5", "--model.lr_schedule", "cosine",
+    "--model.decay_steps", "30", "--trainer.max_steps", "30", "--trainer.log_every_n_steps", "5",
+    "--trainer.val_check_interval", "10", "--data.val_windows", "96", "--sampling.every_n_steps", "0",
+    "--sampling.final_max_new_tokens", "0",
+]  # fmt: skip
+SERIES = ("train/loss", "val/loss", "lr")
+
+
+def _fit(work: Path, args: list[str], devices: int) -> tuple[int, str]:
+    """Run `fit` in ``work``: in this process for 1 device, as a subprocess for 2; (exit status, stderr)."""
+    work.mkdir(parents=True, exist_ok=True)
+    if devices == 1:
+        previous = os.getcwd()
+        os.chdir(work)
+        try:
+            return run_main(["fit", *args]), ""
+        finally:
+            os.chdir(previous)
+    result = run_subprocess(["fit", *args, *DDP], cwd=work, timeout=240)
+    return result.returncode, result.stderr
+
+
+def _last(work: Path) -> Path:
+    (path,) = work.glob("checkpoints/**/last.ckpt")
+    return path
+
+
+def _series(work: Path) -> tuple[dict[str, dict[int, float]], list[dict[str, list[int]]]]:
+    """Per tag, step → the last value written, over every event file of the run in the order written; and, per
+    event file, the steps it holds for each tag."""
+    files = sorted(work.glob("lightning_logs/**/events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    merged: dict[str, dict[int, float]] = {tag: {} for tag in SERIES}
+    per_file = []
+    for file in files:
+        acc = EventAccumulator(str(file), size_guidance={"scalars": 0})
+        acc.Reload()
+        steps = {}
+        for tag in SERIES:
+            events = acc.Scalars(tag) if tag in acc.Tags()["scalars"] else []
+            steps[tag] = [e.step for e in events]
+            merged[tag].update((e.step, e.value) for e in events)
+        per_file.append(steps)
+    return merged, per_file
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory: pytest.TempPathFactory, corpus_module: Path) -> Callable[[int, int], Path]:
+    """The folder of an unbroken 30-step run for (accumulate_grad_batches, devices), run once per module."""
+    runs: dict[tuple[int, int], Path] = {}
+
+    def get(accumulate: int, devices: int) -> Path:
+        if (accumulate, devices) not in runs:
+            work = tmp_path_factory.mktemp(f"unbroken_k{accumulate}_d{devices}")
+            digest = ["--trainer.callbacks+=tests.probes.RngDigest", "--trainer.callbacks.out_dir", str(work / "rng")]
+            args = [*EXACT, "--data.path", str(corpus_module), "--trainer.accumulate_grad_batches", str(accumulate)]
+            code, err = _fit(work, [*args, *digest], devices)
+            assert code == 0, err[-3000:]
+            runs[accumulate, devices] = work
+        return runs[accumulate, devices]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def corpus_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(make_text(30_000), encoding="utf-8")
+    return path
+
+
+# (accumulate_grad_batches, devices, how it stops, at step, micro-batch or validation batch, rank that gets the signal)
+CASES = {
+    "k1-max_steps-13": (1, 1, "max_steps", 13, None, 0),
+    "k1-SIGTERM-step-7": (1, 1, "SIGTERM", 7, 0, 0),
+    "k1-SIGINT-in-validation": (1, 1, "SIGINT", 20, "val1", 0),
+    "k3-max_steps-10": (3, 1, "max_steps", 10, None, 0),
+    "k3-SIGTERM-mid-window": (3, 1, "SIGTERM", 12, 1, 0),
+    "k3-SIGINT-in-validation": (3, 1, "SIGINT", 10, "val2", 0),
+    "k3-SIGINT-last-micro-batch": (3, 1, "SIGINT", 17, 2, 0),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_stopped_and_resumed_equals_unbroken(case: str, unbroken, corpus_module: Path, tmp_path: Path) -> None:
+    accumulate, devices, how, step, where, rank = CASES[case]
+    reference = unbroken(accumulate, devices)
+    work = tmp_path / "broken"
+    args = [*EXACT, "--data.path", str(corpus_module), "--trainer.accumulate_grad_batches", str(accumulate)]
+    if how == "max_steps":
+        code, err = _fit(work, [*args, "--trainer.max_steps", str(step)], devices)
+        assert code == 0, err[-3000:]
+        stopped_at = step
+    else:
+        probe = ["--trainer.callbacks+=tests.probes.SendSignal", "--trainer.callbacks.at_step", str(step)]
+        probe += ["--trainer.callbacks.signal", how, "--trainer.callbacks.rank", str(rank)]
+        if isinstance(where, str):
+            probe += ["--trainer.callbacks.val_batch", where.removeprefix("val")]
+        else:
+            probe += ["--trainer.callbacks.micro", str(where)]
+        code, err = _fit(work, [*args, *probe], devices)
+        assert code == 128 + getattr(signal, how), err[-3000:]
+        # a whole optimizer step: the one under way when the signal came (a signal inside the evaluation at a step
+        # comes after that step)
+        stopped_at = step if isinstance(where, str) else step + 1
+    saved = torch.load(_last(work), weights_only=True)
+    assert saved["global_step"] == stopped_at
+    code, err = _fit(work, [*args, "--ckpt_path", str(_last(work))], devices)
+    assert code == 0, err[-3000:]
+
+    expected, got = torch.load(_last(reference), weights_only=True), torch.load(_last(work), weights_only=True)
+    assert got["global_step"] == expected["global_step"] == 30
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(tensor, got["state_dict"][name]), name
+    want, _ = _series(reference)
+    have, files = _series(work)
+    for tag in SERIES:
+        assert have[tag] == want[tag], tag  # same steps, same values
+    assert sorted(want["val/loss"]) == [10, 20, 30] and sorted(want["train/loss"]) == [5, 10, 15, 20, 25, 30]
+    # the resumed run rewrote no point of the stopped run's history
+    assert all(s >= stopped_at for tag in SERIES for s in files[-1][tag])
