@@ -375,8 +375,10 @@ class RunPolicy(Callback):
         if trainer.world_size > 1:  # every rank saves alike; only rank 0 writes, so it gathers the others' states
             root = trainer.strategy.root_device
             gathered = {key: trainer.strategy.all_gather(state.to(root)).cpu() for key, state in states.items()}
+            # a tensor of its own for each rank: torch.set_rng_state ignores a view's storage offset (it would read
+            # rank 0's bytes, or crash)
             checkpoint["rng_states"] = [
-                {key: g[rank] for key, g in gathered.items()} for rank in range(trainer.world_size)
+                {key: g[rank].clone() for key, g in gathered.items()} for rank in range(trainer.world_size)
             ]
         else:
             checkpoint["rng_states"] = [states]

@@ -97,3 +97,20 @@ class RngDigest(Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
         (self.out_dir / f"rng{trainer.global_rank}.txt").write_text(digest)
+
+
+class Losses(Callback):
+    """Writes ``out_dir/losses{r}.json``: [optimizer step under way, training loss] for every micro-batch."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.losses: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        # Lightning hands over the loss divided by accumulate_grad_batches (what backward sees)
+        step = trainer.global_step - (not trainer.fit_loop.epoch_loop._should_accumulate())
+        self.losses.append((step, float(outputs["loss"]) * trainer.accumulate_grad_batches))
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"losses{trainer.global_rank}.json").write_text(json.dumps(self.losses))

@@ -3,6 +3,7 @@ under every setting a user can turn on (issue 15)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.nn import functional as F
 
+from lit_gpt_char.callbacks import RunPolicy
 from lit_gpt_char.checkpoint import load_checkpoint
 from lit_gpt_char.data import CharTokenizer, FixedWindows
 from lit_gpt_char.errors import LitGPTCharError
@@ -20,6 +22,7 @@ from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT
 
 from .conftest import TINY, make_text, run_main, run_subprocess
+from .test_cli import read_events
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
 
@@ -177,9 +180,12 @@ def unbroken(tmp_path_factory: pytest.TempPathFactory, corpus_module: Path) -> C
     def get(accumulate: int, devices: int) -> Path:
         if (accumulate, devices) not in runs:
             work = tmp_path_factory.mktemp(f"unbroken_k{accumulate}_d{devices}")
-            digest = ["--trainer.callbacks+=tests.probes.RngDigest", "--trainer.callbacks.out_dir", str(work / "rng")]
+            probes = ["--trainer.callbacks+=tests.probes.RngDigest", "--trainer.callbacks.out_dir", str(work / "probe")]
+            probes += ["--trainer.callbacks+=tests.probes.Losses", "--trainer.callbacks.out_dir", str(work / "probe")]
             args = [*EXACT, "--data.path", str(corpus_module), "--trainer.accumulate_grad_batches", str(accumulate)]
-            code, err = _fit(work, [*args, *digest], devices)
+            # samples every 10 steps: their TensorBoard steps show when they were taken
+            args += ["--sampling.every_n_steps", "10", "--sampling.max_new_tokens", "8"]
+            code, err = _fit(work, [*args, *probes], devices)
             assert code == 0, err[-3000:]
             runs[accumulate, devices] = work
         return runs[accumulate, devices]
@@ -203,15 +209,18 @@ CASES = {
     "k3-SIGTERM-mid-window": (3, 1, "SIGTERM", 12, 1, 0),
     "k3-SIGINT-in-validation": (3, 1, "SIGINT", 10, "val2", 0),
     "k3-SIGINT-last-micro-batch": (3, 1, "SIGINT", 17, 2, 0),
+    "ddp-k1-SIGTERM-to-rank1-in-validation": pytest.param((1, 2, "SIGTERM", 20, "val0", 1), marks=pytest.mark.slow),
+    "ddp-k3-SIGINT-mid-window": pytest.param((3, 2, "SIGINT", 12, 1, 0), marks=pytest.mark.slow),
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_stopped_and_resumed_equals_unbroken(case: str, unbroken, corpus_module: Path, tmp_path: Path) -> None:
-    accumulate, devices, how, step, where, rank = CASES[case]
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_stopped_and_resumed_equals_unbroken(case: tuple, unbroken, corpus_module: Path, tmp_path: Path) -> None:
+    accumulate, devices, how, step, where, rank = case
     reference = unbroken(accumulate, devices)
     work = tmp_path / "broken"
     args = [*EXACT, "--data.path", str(corpus_module), "--trainer.accumulate_grad_batches", str(accumulate)]
+    args += ["--sampling.every_n_steps", "10", "--sampling.max_new_tokens", "8"]
     if how == "max_steps":
         code, err = _fit(work, [*args, "--trainer.max_steps", str(step)], devices)
         assert code == 0, err[-3000:]
@@ -244,3 +253,40 @@ def test_stopped_and_resumed_equals_unbroken(case: str, unbroken, corpus_module:
     assert sorted(want["val/loss"]) == [10, 20, 30] and sorted(want["train/loss"]) == [5, 10, 15, 20, 25, 30]
     # the resumed run rewrote no point of the stopped run's history
     assert all(s >= stopped_at for tag in SERIES for s in files[-1][tag])
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_train_loss_is_the_mean_over_every_micro_batch_of_its_steps(accumulate: int, unbroken) -> None:
+    work = unbroken(accumulate, 1)
+    losses = json.loads((work / "probe" / "losses0.json").read_text())
+    assert len(losses) == 30 * accumulate
+    logged, _ = _series(work)
+    for step in (5, 10, 15, 20, 25, 30):
+        window = [loss for s, loss in losses if step - 5 <= s < step]
+        assert len(window) == 5 * accumulate
+        assert logged["train/loss"][step] == pytest.approx(sum(window) / len(window), rel=1e-5)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_samples_at_optimizer_steps_only(accumulate: int, unbroken) -> None:
+    _, texts = read_events(unbroken(accumulate, 1) / "lightning_logs")
+    assert [step for step, _ in texts["samples/text_summary"]] == [10, 20, 30]  # none at step 0, one per step
+
+
+@pytest.mark.slow
+def test_each_rank_draws_its_own_dropout_stream(unbroken) -> None:
+    work = unbroken(1, 2)
+    digests = [(work / "probe" / f"rng{rank}.txt").read_text() for rank in (0, 1)]
+    assert digests[0] != digests[1]  # before: both ranks seeded alike and drew alike, ending in one state
+
+
+def test_divergence_under_accumulation_names_the_optimizer_step(
+    corpus: Path, workdir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nan = ["--trainer.callbacks+=tests.probes.InjectNaN", "--trainer.callbacks.at_step", "6"]
+    for on_host in (True, False):  # the CPU's immediate check, and the deferred one accelerators use
+        monkeypatch.setattr(RunPolicy, "_checks_on_host", staticmethod(lambda loss, on_host=on_host: on_host))
+        args = ["fit", *TINY, "--data.path", str(corpus), "--trainer.accumulate_grad_batches", "3", *nan]
+        assert run_main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and " at step 6." in err[0], err
