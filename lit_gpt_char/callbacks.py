@@ -182,8 +182,8 @@ class InterruptCheckpoint(Callback):
             # Lightning raises SIGTERMException at the end of this batch, after its evaluation and checkpoints
             trainer._signal_connector.received_sigterm = True
 
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._restore_handlers()
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_handlers()  # before the Trainer's teardown puts back the handlers it found
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
@@ -228,6 +228,8 @@ class Checkpoint(ModelCheckpoint):
     key (which Lightning formats around every hook call, ~50 times a step) is computed once.
     """
 
+    _after_evaluation: Optional[tuple] = None  # a step's save waiting for the evaluation at that step
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._trainer = trainer
@@ -237,6 +239,22 @@ class Checkpoint(ModelCheckpoint):
         # the step a run resumes from is on disk already; saving it again would, under gradient accumulation,
         # write the state of the first micro-batch after resuming, in the middle of an accumulation window
         self._last_global_step_saved = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        n = self._every_n_train_steps
+        loop = trainer.fit_loop
+        if n and trainer.global_step % n == 0 and loop.epoch_loop._should_check_val_fx(loop._data_fetcher):
+            # an evaluation follows at this step: save after it. Lightning resumes from a file written before the
+            # evaluation by skipping it, so a run killed during that evaluation would never have it
+            self._after_evaluation = args
+            return
+        super().on_train_batch_end(trainer, pl_module, *args)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == TrainerFn.FITTING and self._after_evaluation is not None:
+            args, self._after_evaluation = self._after_evaluation, None
+            super().on_train_batch_end(trainer, pl_module, *args)
 
     @property
     def state_key(self) -> str:

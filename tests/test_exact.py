@@ -242,6 +242,13 @@ def test_stopped_and_resumed_equals_unbroken(case: tuple, unbroken, corpus_modul
     code, err = _fit(work, [*args, "--ckpt_path", str(_last(work))], devices)
     assert code == 0, err[-3000:]
 
+    _assert_same_run(reference, work, stopped_at)
+
+
+def _assert_same_run(reference: Path, work: Path, resumed_at: int) -> None:
+    """The run in ``work``, resumed from step ``resumed_at``, ends as the unbroken one in ``reference``: the same
+    final weights, bit for bit, and the same TensorBoard series, step for step and value for value (per step the
+    last value written, over every event file of the run in the order written)."""
     expected, got = torch.load(_last(reference), weights_only=True), torch.load(_last(work), weights_only=True)
     assert got["global_step"] == expected["global_step"] == 30
     for name, tensor in expected["state_dict"].items():
@@ -252,7 +259,37 @@ def test_stopped_and_resumed_equals_unbroken(case: tuple, unbroken, corpus_modul
         assert have[tag] == want[tag], tag  # same steps, same values
     assert sorted(want["val/loss"]) == [10, 20, 30] and sorted(want["train/loss"]) == [5, 10, 15, 20, 25, 30]
     # the resumed run rewrote no point of the stopped run's history
-    assert all(s >= stopped_at for tag in SERIES for s in files[-1][tag])
+    assert all(s >= resumed_at for tag in SERIES for s in files[-1][tag])
+
+
+@pytest.mark.slow
+def test_killed_inside_an_evaluation_resumes_with_that_evaluation(
+    unbroken, corpus_module: Path, tmp_path: Path
+) -> None:
+    # periodic checkpoints every 5 steps: the one of step 20 (an evaluation step) is written after that evaluation,
+    # so a run killed during it resumes from step 15 and evaluates step 20 again (Lightning skips the evaluation of
+    # a step whose checkpoint was written before it)
+    reference = unbroken(1, 1)
+    work = tmp_path / "killed"
+    work.mkdir()
+    args = [
+        *EXACT,
+        "--data.path",
+        str(corpus_module),
+        "--sampling.every_n_steps",
+        "10",
+        "--sampling.max_new_tokens",
+        "8",
+    ]
+    args += ["--periodic_checkpoint.every_n_train_steps", "5"]
+    kill = ["--trainer.callbacks+=tests.probes.SendSignal", "--trainer.callbacks.at_step", "20"]
+    kill += ["--trainer.callbacks.signal", "SIGKILL", "--trainer.callbacks.val_batch", "1"]
+    result = run_subprocess(["fit", *args, *kill], cwd=work, timeout=240)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert torch.load(_last(work), weights_only=True)["global_step"] == 15
+    code, err = _fit(work, [*args, "--ckpt_path", str(_last(work))], 1)
+    assert code == 0, err
+    _assert_same_run(reference, work, 15)
 
 
 @pytest.mark.parametrize("accumulate", [1, 3])
