@@ -1,11 +1,15 @@
-"""Callbacks: SampleTextCallback (text while training), InterruptCheckpoint (Ctrl-C / SIGTERM safety) and
-Checkpoint (ModelCheckpoint naming files by the optimizer step)."""
+"""Callbacks: SampleTextCallback (text while training), InterruptCheckpoint (Ctrl-C / SIGTERM safety),
+Checkpoint (ModelCheckpoint naming files by the optimizer step) and RunPolicy (how a run guards itself and stays
+exact: divergence, evaluations at optimizer steps, per-rank random streams)."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Optional
+from types import FrameType
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -14,7 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_gpt_char.data import CharTokenizer
+from lit_gpt_char.data import CharTokenizer, _mix
 from lit_gpt_char.errors import LitGPTCharError
 
 
@@ -64,7 +68,7 @@ class SampleTextCallback(Callback):
         self.temperature = temperature
         self.top_k = top_k
         self.seed = seed
-        self._last_step = -1
+        self._last_step = 0
 
     def check_prompt(self, tokenizer: CharTokenizer) -> None:
         """Fail now, not at step N, if the prompt has a character outside the vocabulary."""
@@ -101,48 +105,121 @@ class SampleTextCallback(Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text(tag, markdown, global_step=step)
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_step = trainer.global_step  # the step a run starts (or resumes) from has no new model to show
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
         step = trainer.global_step
         if (
-            self.every_n_steps
+            step != self._last_step  # this batch stepped the optimizer (once per step under gradient accumulation)
+            and self.every_n_steps
             and step % self.every_n_steps == 0
-            and step != self._last_step  # once per optimizer step under gradient accumulation
             and trainer.is_global_zero
-            # a diverged model is not sampled (rank 0 alone must not raise); LitGPT's own check stops the run
-            and getattr(pl_module, "first_bad_step", lambda: None)() is None
+            # a diverged model is not sampled (rank 0 alone must not raise); RunPolicy's own check stops the run
+            and all(c.first_bad_step() is None for c in trainer.callbacks if isinstance(c, RunPolicy))
         ):
-            self._last_step = step
             self._publish(trainer, self.sample(pl_module, self.max_new_tokens), "samples")
+        self._last_step = step
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.final_max_new_tokens and trainer.is_global_zero:
             self._publish(trainer, self.sample(pl_module, self.final_max_new_tokens), "samples/final")
 
 
-class InterruptCheckpoint(Callback):
-    """On Ctrl-C or SIGTERM during fit, save ``last.ckpt`` in the checkpoint folder and say how to resume.
+_SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
-    Lightning stops at the end of the current step when it receives SIGTERM, so the checkpoint holds a
-    whole step and resuming continues with the next one. Other exceptions save nothing: the state
+
+class InterruptCheckpoint(Callback):
+    """Ctrl-C or SIGTERM during fit: finish the optimizer step under way, and the evaluation and checkpoints due at it,
+    then save ``last.ckpt`` and say how to resume.
+
+    While training, both signals only set a flag: Lightning installs no SIGINT handler (Ctrl-C would land anywhere in a
+    step, even between the updates of two parameter groups), and it acts on SIGTERM after any batch, inside a gradient
+    accumulation window. The flag is read at the end of each batch that stepped the optimizer and at the end of each
+    evaluation; then Lightning's own SIGTERM stop ends fit after that batch, once the evaluation and checkpoints due at
+    the step are done, and this callback saves. Under DDP the ranks agree on it (one all-reduce a step), so every rank
+    stops at the same step. A second Ctrl-C stops at once and saves nothing. Other exceptions save nothing: the state
     may be the cause (a diverged model), and the last checkpoint written by ModelCheckpoint stays.
     """
 
+    def __init__(self) -> None:
+        self._signal: Optional[int] = None  # the first signal received while training
+        self._stopping = False
+        self._previous: dict[int, Any] = {}
+        self._seen_step = 0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._signal, self._stopping, self._seen_step = None, False, trainer.global_step
+        if trainer.received_sigterm:  # Lightning's handler got a SIGTERM in the sanity check: act on it at a step's end
+            trainer._signal_connector.received_sigterm = False
+            self._signal = signal.SIGTERM
+        if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
+            self._previous = {signum: signal.signal(signum, self._receive) for signum in _SIGNAL_NAMES}
+
+    def _receive(self, signum: int, frame: Optional[FrameType]) -> None:
+        if signum == signal.SIGINT and self._signal == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: the user wants out now
+        self._signal = self._signal or signum
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
+        if trainer.global_step != self._seen_step:  # this batch stepped the optimizer: a whole step is done
+            self._seen_step = trainer.global_step
+            self._decide(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._decide(trainer)  # a signal during the evaluation: it is finished, its checkpoints come next
+
+    def _decide(self, trainer: Trainer) -> None:
+        stop = self._signal is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop and not self._stopping:
+            self._stopping = True
+            # Lightning raises SIGTERMException at the end of this batch, after its evaluation and checkpoints
+            trainer._signal_connector.received_sigterm = True
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_handlers()  # before the Trainer's teardown puts back the handlers it found
+
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.state.fn != TrainerFn.FITTING:
+        self._restore_handlers()
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if not (self._stopping and isinstance(exception, SIGTERMException)):
+            if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+                print(
+                    f"interrupted by Ctrl-C during step {trainer.global_step + 1}: nothing saved (the last checkpoint "
+                    f"is {_shown(getattr(trainer.checkpoint_callback, 'last_model_path', '')) or 'none'})",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None) or "checkpoints"
         path = Path(dirpath) / "last.ckpt"
         trainer.save_checkpoint(path)
-        if path.is_relative_to(Path.cwd()):  # ModelCheckpoint makes its dirpath absolute: show it short
-            path = path.relative_to(Path.cwd())
+        signum = self._signal or signal.SIGTERM  # None: the signal went to another process of this run
+        exception.signum = signum  # the exit status, 128 + signum (cli.main)
         if trainer.is_global_zero:
-            signal_name = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
             print(
-                f"interrupted by {signal_name} after step {trainer.global_step}: saved {path}; "
-                f"resume by running the same command with --ckpt_path {path}",
+                f"interrupted by {_SIGNAL_NAMES[signum]} after step {trainer.global_step}: saved {_shown(path)}; "
+                f"resume by running the same command with --ckpt_path {_shown(path)}",
                 file=sys.stderr,
                 flush=True,
             )
+
+
+def _shown(path: str | Path) -> str:
+    """``path`` relative to the current directory when it is below it (ModelCheckpoint makes its dirpath absolute)."""
+    if not path:
+        return ""
+    path = Path(path)
+    return str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
 
 
 class Checkpoint(ModelCheckpoint):
@@ -153,9 +230,33 @@ class Checkpoint(ModelCheckpoint):
     key (which Lightning formats around every hook call, ~50 times a step) is computed once.
     """
 
+    _after_evaluation: Optional[tuple] = None  # a step's save waiting for the evaluation at that step
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._trainer = trainer
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # the step a run resumes from is on disk already; saving it again would, under gradient accumulation,
+        # write the state of the first micro-batch after resuming, in the middle of an accumulation window
+        self._last_global_step_saved = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        n = self._every_n_train_steps
+        loop = trainer.fit_loop
+        if n and trainer.global_step % n == 0 and loop.epoch_loop._should_check_val_fx(loop._data_fetcher):
+            # an evaluation follows at this step: save after it. Lightning resumes from a file written before the
+            # evaluation by skipping it, so a run killed during that evaluation would never have it
+            self._after_evaluation = args
+            return
+        super().on_train_batch_end(trainer, pl_module, *args)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == TrainerFn.FITTING and self._after_evaluation is not None:
+            args, self._after_evaluation = self._after_evaluation, None
+            super().on_train_batch_end(trainer, pl_module, *args)
 
     @property
     def state_key(self) -> str:
@@ -168,3 +269,146 @@ class Checkpoint(ModelCheckpoint):
         if trainer is not None:
             metrics = {**metrics, "step": torch.tensor(trainer.global_step)}
         return super().format_checkpoint_name(metrics, *args, **kwargs)
+
+
+_NO_BAD_STEP = 2**62  # "no non-finite loss yet" in the device-side record of the first bad step
+
+
+class RunPolicy(Callback):
+    """How a run guards itself and stays exact; LitGPT adds it to every Trainer that fits it (configure_callbacks).
+
+    - Divergence: a non-finite training loss stops fit with one error naming the optimizer step, and no checkpoint
+      is written after it. On a CPU the check is free and comes before the backward pass, so the weights stay good.
+      On an accelerator a per-step check would stall the host until the step finishes, so the first bad step is kept
+      on the device and checked (one sync) at each log step, before every evaluation and before every checkpoint is
+      written. Under DDP the decision is taken over all ranks, so every rank stops at the same point instead of one
+      waiting forever in a collective.
+    - Optimizer steps are the unit. With gradient accumulation over k batches an integer ``val_check_interval`` N
+      means every N optimizer steps (Lightning counts batches), so evaluations and their checkpoints fall between
+      steps, never inside an accumulation window. Lightning's logging counter is kept at the optimizer step: after a
+      resume it can be one ahead, which would write every train/loss point a few steps late.
+    - Random streams: under DDP rank r > 0 reseeds the global RNG (dropout) from (seed, r), as nanoGPT offsets its
+      seed per rank, so ranks do not draw the same masks; every rank's RNG state is gathered into the checkpoint
+      (rank 0 writes it) and each comes back to its rank on resume. A rank the checkpoint has no state for (more
+      devices than before) keeps its fresh stream.
+    """
+
+    def __init__(self) -> None:
+        self._first_bad: Optional[torch.Tensor] = None
+        self._step: Optional[torch.Tensor] = None
+        self._log_check_step = -1
+
+    # ---- divergence ----
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        if self._checks_on_host(loss):
+            here = not bool(torch.isfinite(loss))
+            anywhere = here
+            if trainer.world_size > 1:
+                anywhere = trainer.strategy.reduce_boolean_decision(here, all=False)
+            if anywhere:
+                self._diverged(
+                    trainer, trainer.global_step, f"is {loss.item()}" if here else "is not finite on another rank"
+                )
+            return
+        if self._first_bad is None:
+            self._step = torch.zeros((), dtype=torch.long, device=loss.device)
+            self._first_bad = torch.full((), _NO_BAD_STEP, dtype=torch.long, device=loss.device)
+        assert self._step is not None
+        self._step.fill_(trainer.global_step)  # the step goes to the kernel as an argument: no copy, no sync
+        bad = ~torch.isfinite(loss) & (self._first_bad == _NO_BAD_STEP)
+        self._first_bad = torch.where(bad, self._step, self._first_bad)
+
+    @staticmethod
+    def _checks_on_host(loss: torch.Tensor) -> bool:
+        return loss.device.type == "cpu"
+
+    def first_bad_step(self) -> Optional[int]:
+        """The first step with a non-finite loss on this rank, or None (one host sync on an accelerator)."""
+        if self._first_bad is None or int(self._first_bad) == _NO_BAD_STEP:
+            return None
+        return int(self._first_bad)
+
+    def check_finite(self, trainer: Trainer) -> None:
+        """Raise if a training loss so far was not finite on any rank (call it on every rank alike)."""
+        if self._first_bad is None:
+            return
+        first = self._first_bad
+        if trainer.world_size > 1:
+            first = trainer.strategy.reduce(first.clone(), reduce_op="min")
+        if int(first) != _NO_BAD_STEP:
+            self._diverged(trainer, int(first), "is not finite")
+
+    @staticmethod
+    def _diverged(trainer: Trainer, step: int, loss: str) -> None:
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        raise LitGPTCharError(
+            f"training diverged: the loss {loss} at step {step}. Checkpoints are kept as they were "
+            f"(last: {last}); try a lower --model.learning_rate, --model.warmup_steps or "
+            f"--trainer.gradient_clip_val 1.0"
+        )
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.check_finite(trainer)
+
+    # ---- optimizer steps as the unit ----
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._align_validation(trainer)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._align_validation(trainer)  # Lightning sets val_check_batch again when it reloads the dataloader
+
+    @staticmethod
+    def _align_validation(trainer: Trainer) -> None:
+        k = trainer.accumulate_grad_batches
+        if k == 1 or trainer.val_check_batch in (None, float("inf")):
+            return
+        interval = trainer.val_check_interval
+        batches = interval * k if isinstance(interval, int) else trainer.val_check_batch
+        trainer.val_check_batch = -(-batches // k) * k  # a fraction of an epoch: rounded up to whole windows
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
+        # Lightning writes what was logged when its counter of "batches that stepped" says so; that counter is one
+        # ahead after resuming from a checkpoint written at an evaluation. Here it is what it means: the step
+        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
+        every = trainer.log_every_n_steps
+        step = trainer.global_step
+        if self._first_bad is not None and every and step % every == 0 and step != self._log_check_step:
+            self._log_check_step = step
+            self.check_finite(trainer)
+
+    # ---- per-rank random streams ----
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == TrainerFn.FITTING and trainer.global_rank > 0:
+            torch.manual_seed(_mix(torch.initial_seed(), trainer.global_rank))
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.check_finite(trainer)  # never write a diverged model
+        states = {"torch": torch.get_rng_state()}
+        if pl_module.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(pl_module.device)
+        if trainer.world_size > 1:  # every rank saves alike; only rank 0 writes, so it gathers the others' states
+            root = trainer.strategy.root_device
+            gathered = {key: trainer.strategy.all_gather(state.to(root)).cpu() for key, state in states.items()}
+            # a tensor of its own for each rank: torch.set_rng_state ignores a view's storage offset (it would read
+            # rank 0's bytes, or crash)
+            checkpoint["rng_states"] = [
+                {key: g[rank].clone() for key, g in gathered.items()} for rank in range(trainer.world_size)
+            ]
+        else:
+            checkpoint["rng_states"] = [states]
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states", [])
+        if isinstance(states, dict):  # written before the states were kept per rank: rank 0's
+            states = [states]
+        if trainer.global_rank < len(states):
+            state = states[trainer.global_rank]
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():  # restored before the model moves: current device
+                torch.cuda.set_rng_state(state["cuda"])

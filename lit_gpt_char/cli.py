@@ -540,5 +540,5 @@ def main(argv: Optional[list[str]] = None) -> None:
     except (LitGPTCharError, MisconfigurationException) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except SIGTERMException:  # InterruptCheckpoint has saved and said how to resume
-        sys.exit(128 + signal.SIGTERM)
+    except SIGTERMException as stop:  # InterruptCheckpoint has saved and said how to resume (Ctrl-C or SIGTERM)
+        sys.exit(128 + getattr(stop, "signum", signal.SIGTERM))

@@ -160,21 +160,26 @@ class RandomWindows:
 
     That makes the stream resumable exactly from one number, on every rank at once: the state is the
     index of the next batch. ``len()`` is a nominal epoch (one pass worth of tokens) so that Lightning
-    shows progress and does not prefetch ahead of the state it saves.
+    shows progress and does not prefetch ahead of the state it saves, rounded up to whole gradient
+    accumulation windows of ``accumulate`` batches (Lightning steps early on an epoch's last batch).
     """
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, block_size: int, seed: int, rank: int) -> None:
+    def __init__(
+        self, ids: torch.Tensor, batch_size: int, block_size: int, seed: int, rank: int, accumulate: int = 1
+    ) -> None:
         self.ids = ids
         self.batch_size = batch_size
         self.block_size = block_size
         self.seed = seed
         self.rank = rank
+        self.accumulate = accumulate
         self.next_batch = 0
         self._offsets = torch.arange(block_size + 1, device=ids.device)
         self._generator = torch.Generator(device=ids.device)
 
     def __len__(self) -> int:
-        return max(1, len(self.ids) // (self.batch_size * self.block_size))
+        windows = max(1, -(-(len(self.ids) // (self.batch_size * self.block_size)) // self.accumulate))
+        return windows * self.accumulate
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``n`` of this rank's stream: x (B, T) and y, x shifted by one (int64)."""
@@ -203,7 +208,8 @@ class FixedWindows:
 
     ``count`` windows at offsets drawn once from a fixed seed (the lecture's estimate_loss draws
     200 × 16 random ones each time); ``count=None`` tiles the whole split with non-overlapping
-    windows, so every character after the first is predicted exactly once.
+    windows, so every character after the first is predicted exactly once. ``len()`` is the number
+    of batches ``iter()`` yields, the short last tile's own batch included: Lightning stops after len().
     """
 
     def __init__(
@@ -214,23 +220,28 @@ class FixedWindows:
         else:
             generator = torch.Generator().manual_seed(0)
             starts = torch.randint(len(ids) - block_size, (count,), generator=generator)
+        if len(starts) < world_size:
+            # a rank with nothing to evaluate would leave the others waiting in the val/loss sync
+            raise LitGPTCharError(
+                f"validation has {len(starts)} window(s) for {world_size} processes, each of which needs at least "
+                f"one; use --data.val_windows {world_size} or more (null: the whole split), or fewer --trainer.devices"
+            )
         self.ids = ids
         self.block_size = block_size
-        self.starts = starts[rank::world_size]
-        self.batch_size = batch_size
+        # the last tile may be short: batches keep one length, so a ragged tail comes as its own batch
+        self._batches: list[torch.Tensor] = []
+        for chunk in starts[rank::world_size].split(batch_size):
+            full = chunk[chunk + block_size < len(ids)]
+            self._batches += [group for group in (full, chunk[len(full) :]) if len(group)]
 
     def __len__(self) -> int:
-        return -(-len(self.starts) // self.batch_size)
+        return len(self._batches)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # the last tile may be short: batches keep one length, so ragged tails come as their own batch
-        for chunk in self.starts.split(self.batch_size):
-            full = chunk[chunk + self.block_size < len(self.ids)]
-            for group in (full, chunk[len(full) :]):
-                if len(group):
-                    span = min(self.block_size, len(self.ids) - 1 - int(group[0]))
-                    windows = self.ids[group[:, None] + torch.arange(span + 1)].long()
-                    yield windows[:, :-1], windows[:, 1:]
+        for group in self._batches:
+            span = min(self.block_size, len(self.ids) - 1 - int(group[0]))
+            windows = self.ids[group[:, None] + torch.arange(span + 1)].long()
+            yield windows[:, :-1], windows[:, 1:]
 
 
 class ShakespeareDataModule(LightningDataModule):
@@ -418,6 +429,7 @@ class ShakespeareDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self._load()  # maps the cache on every rank
+        self.val_dataloader()  # too few validation windows for the world size: the error comes now, not mid-run
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -478,7 +490,8 @@ class ShakespeareDataModule(LightningDataModule):
         state = self._train.state_dict() if self._train is not None else None
         if state is None and "_resume_next_batch" in self.__dict__:
             state = {"next_batch": self.__dict__.pop("_resume_next_batch")}
-        self._train = RandomWindows(train, self.batch_size, self.block_size, self.seed, rank)
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        self._train = RandomWindows(train, self.batch_size, self.block_size, self.seed, rank, accumulate)
         if state is not None:
             self._train.load_state_dict(state)
         return self._train

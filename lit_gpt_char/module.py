@@ -12,15 +12,14 @@ from dataclasses import asdict
 from typing import Any, Literal, Optional, Union
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from torch.nn import functional as F
 from torchmetrics import MeanMetric
 
+from lit_gpt_char.callbacks import RunPolicy
 from lit_gpt_char.data import CharTokenizer
 from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.model import GPT, GPTConfig
-
-_NONE = 2**62  # "no non-finite loss yet" in the device-side record of the first bad step
 
 
 def lr_factor(
@@ -94,11 +93,11 @@ class LitGPT(LightningModule):
         self.save_hyperparameters()
         self.tokenizer = CharTokenizer(vocab)
         self.model = GPT(shape)
-        self._forward = torch.compile(self.model) if compile else self.model
+        # a function, not a second module attribute: the weights are stored once, named model.*, whether
+        # compiled or not (a checkpoint then resumes with compile switched either way)
+        self._forward = torch.compile(self.model.forward) if compile else self.model.forward
         self._train_loss_sum: torch.Tensor | float = 0.0
         self._train_loss_count = 0
-        self._first_bad: Optional[torch.Tensor] = None  # see _watch_finite
-        self._step_on_device: Optional[torch.Tensor] = None
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
 
@@ -116,76 +115,22 @@ class LitGPT(LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         _, loss = self._forward(x, y)
-        self._watch_finite(loss)
-        # aggregate every step, log every log_every_n_steps: one self.log costs ~0.8 ms in Lightning 2.6,
-        # a tenth of a small CPU step, so per-step logging would make the Trainer 25% slower than a loop
-        # (a running sum on the loss's device: no sync, ~1 µs; torchmetrics' update costs ~50 µs)
+        # aggregate every micro-batch, log every log_every_n_steps optimizer steps: one self.log costs ~0.8 ms in
+        # Lightning 2.6, a tenth of a small CPU step, so per-step logging would make the Trainer 25% slower than a
+        # loop (a running sum on the loss's device: no sync, ~1 µs; torchmetrics' update costs ~50 µs)
         self._train_loss_sum = loss.detach() + (self._train_loss_sum if self._train_loss_count else 0.0)
         self._train_loss_count += 1
-        every = self.trainer.log_every_n_steps
+        trainer = self.trainer
+        if trainer.accumulate_grad_batches > 1 and trainer.fit_loop.epoch_loop._should_accumulate():
+            return loss  # not the window's last micro-batch: the optimizer steps (and the mean is logged) with that one
+        every = trainer.log_every_n_steps
         if every and (self.global_step + 1) % every == 0:
-            # mean since the last log, on this rank
+            # mean over the micro-batches since the last log, on this rank
             self.log("train/loss", self._train_loss_sum / self._train_loss_count, prog_bar=True)
             self._train_loss_count = 0
             self.log("lr", self.optimizers().param_groups[0]["lr"])
             self.log("step", float(self.global_step + 1))  # this batch's update is step N (see _log_eval)
         return loss
-
-    def _watch_finite(self, loss: torch.Tensor) -> None:
-        """Stop on a non-finite loss, naming the step, without writing any checkpoint after it.
-
-        On a CPU the check is free: training stops before the optimizer applies the step, the weights
-        stay good. On an accelerator a per-step check would stall the host until the step finishes, so
-        the first bad step is kept on the device and checked (one sync) at each log step, before every
-        evaluation and before every checkpoint is written (check_finite). Under DDP the decision is
-        taken over all ranks, so that every rank stops at the same point instead of one waiting forever.
-        """
-        if self._checks_on_host(loss):
-            here = not torch.isfinite(loss)
-            anywhere = here
-            if self.trainer.world_size > 1:
-                anywhere = self.trainer.strategy.reduce_boolean_decision(here, all=False)
-            if anywhere:
-                self._diverged(self.global_step, f"is {loss.item()}" if here else "is not finite on another rank")
-            return
-        if self._first_bad is None:  # device-side step counter and first non-finite step (_NONE: none yet)
-            self._step_on_device = torch.tensor(self.global_step, device=loss.device)
-            self._first_bad = torch.tensor(_NONE, device=loss.device)
-        bad = ~torch.isfinite(loss) & (self._first_bad == _NONE)
-        self._first_bad = torch.where(bad, self._step_on_device, self._first_bad)
-        self._step_on_device += 1
-        every = self.trainer.log_every_n_steps
-        if every and (self.global_step + 1) % every == 0:
-            self.check_finite()
-
-    @staticmethod
-    def _checks_on_host(loss: torch.Tensor) -> bool:
-        return loss.device.type == "cpu"
-
-    def first_bad_step(self) -> Optional[int]:
-        """The first step with a non-finite loss on this rank, or None (one host sync on an accelerator)."""
-        return None if self._first_bad is None or int(self._first_bad) == _NONE else int(self._first_bad)
-
-    def check_finite(self) -> None:
-        """Raise if a training loss so far was not finite on any rank (call it on every rank alike)."""
-        if self._first_bad is None:
-            return
-        first = self._first_bad
-        if self.trainer.world_size > 1:
-            first = self.trainer.strategy.reduce(first.clone(), reduce_op="min")
-        if int(first) != _NONE:
-            self._diverged(int(first), "is not finite")
-
-    def _diverged(self, step: int, loss: str) -> None:
-        last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
-        raise LitGPTCharError(
-            f"training diverged: the loss {loss} at step {step}. Checkpoints are kept as they were "
-            f"(last: {last}); try a lower --model.learning_rate, --model.warmup_steps or "
-            f"--trainer.gradient_clip_val 1.0"
-        )
-
-    def on_validation_start(self) -> None:
-        self.check_finite()
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metric: MeanMetric) -> None:
         x, y = batch
@@ -217,19 +162,22 @@ class LitGPT(LightningModule):
         self._log_eval("test", self.test_loss)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.check_finite()  # never write a diverged model
-        # the global RNG drives dropout: with it, a resumed run draws the same masks as an unbroken one
-        # (every rank seeds alike and draws alike, so rank 0's state is every rank's)
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state(self.device)
+        # the running train/loss sum of the log window under way: the first mean after resuming covers the whole window
+        # (rank 0's, the one that is logged)
+        total = float(self._train_loss_sum) if self._train_loss_count else 0.0
+        checkpoint["train_loss_window"] = {"sum": total, "count": self._train_loss_count}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("rng_states", {})
-        if "torch" in states:
-            torch.set_rng_state(states["torch"])
-        if "cuda" in states and torch.cuda.is_available():  # restored before the model moves: current device
-            torch.cuda.set_rng_state(states["cuda"])
+        # checkpoints written before the weights were stored once also hold a copy of each under _forward.*
+        state = checkpoint["state_dict"]
+        for key in [key for key in state if key.startswith("_forward.")]:
+            del state[key]
+        window = checkpoint.get("train_loss_window", {"sum": 0.0, "count": 0})
+        self._train_loss_sum, self._train_loss_count = window["sum"], window["count"]
+
+    def configure_callbacks(self) -> list[Callback]:
+        # how a run guards itself (divergence, step-aligned evaluation, per-rank random streams), whatever the Trainer
+        return [RunPolicy()]
 
     def configure_optimizers(self) -> Union[torch.optim.Optimizer, dict[str, Any]]:
         hp = self.hparams

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal as signal_module
 from pathlib import Path
 from typing import Optional
 
@@ -48,3 +51,66 @@ class InjectNaN(Callback):
         if trainer.global_step == self.at_step and self.rank in (None, trainer.global_rank):
             with torch.no_grad():
                 pl_module.model.wte.weight.fill_(float("nan"))
+
+
+class SendSignal(Callback):
+    """Sends ``signal`` to its own process, on rank ``rank``, at a deterministic place: at the start of micro-batch
+    ``micro`` of the optimizer step after step ``at_step``, or, with ``val_batch``, at validation batch ``val_batch``
+    of the evaluation at step ``at_step``. A real signal, delivered where a test wants it."""
+
+    def __init__(
+        self, at_step: int, signal: str = "SIGTERM", rank: int = 0, micro: int = 0, val_batch: Optional[int] = None
+    ) -> None:
+        self.at_step = at_step
+        self.signum = getattr(signal_module, signal)
+        self.rank = rank
+        self.micro = micro
+        self.val_batch = val_batch
+        self._micro_seen = 0
+        self._sent = False
+
+    def _send(self, trainer: Trainer) -> None:
+        if not self._sent and trainer.global_rank == self.rank and trainer.global_step == self.at_step:
+            self._sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        if self.val_batch is None and trainer.global_step == self.at_step:
+            if self._micro_seen == self.micro:
+                self._send(trainer)
+            self._micro_seen += 1
+
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int, *args
+    ) -> None:
+        if self.val_batch == batch_idx and not trainer.sanity_checking:
+            self._send(trainer)
+
+
+class RngDigest(Callback):
+    """Writes ``out_dir/rng{r}.txt`` at the end of fit: a digest of this rank's global RNG state (dropout's stream)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
+        (self.out_dir / f"rng{trainer.global_rank}.txt").write_text(digest)
+
+
+class Losses(Callback):
+    """Writes ``out_dir/losses{r}.json``: [optimizer step under way, training loss] for every micro-batch."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.losses: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        # Lightning hands over the loss divided by accumulate_grad_batches (what backward sees)
+        step = trainer.global_step - (not trainer.fit_loop.epoch_loop._should_accumulate())
+        self.losses.append((step, float(outputs["loss"]) * trainer.accumulate_grad_batches))
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"losses{trainer.global_rank}.json").write_text(json.dumps(self.losses))

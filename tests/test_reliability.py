@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_gpt_char.callbacks import RunPolicy
 from lit_gpt_char.checkpoint import AtomicCheckpointIO
-from lit_gpt_char.module import LitGPT
 
 from .conftest import ROOT, TINY, make_text, outputs_under, run_main
 from .test_cli import read_events
@@ -59,7 +59,7 @@ def _start(args: list[str], cwd: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("sig", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 1, "Ctrl-C")])
+@pytest.mark.parametrize(("sig", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
 def test_interrupt_saves_a_checkpoint_that_resumes(corpus: Path, tmp_path: Path, sig, code: int, name: str) -> None:
     args = ["fit", *TINY, "--data.path", str(corpus), "--trainer.max_steps", "100000"]
     proc = _start(args, tmp_path)
@@ -137,7 +137,7 @@ def test_divergence_on_an_accelerator_is_caught_without_a_per_step_sync(
     corpus: Path, workdir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the deferred path GPUs take (first bad step kept on the device), exercised on the CPU
-    monkeypatch.setattr(LitGPT, "_checks_on_host", staticmethod(lambda loss: False))
+    monkeypatch.setattr(RunPolicy, "_checks_on_host", staticmethod(lambda loss: False))
     args = ["fit", *TINY, "--data.path", str(corpus), "--trainer.callbacks+=tests.probes.InjectNaN"]
     assert run_main([*args, "--trainer.callbacks.at_step", "15"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
