@@ -30,6 +30,7 @@ from lit_gpt_char.checkpoint import read_checkpoint
 from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.module import LitGPT
+from lit_gpt_char.monitor import LossChart, Throughput
 
 DESCRIPTION = (
     "Train and evaluate a character-level GPT (Karpathy's 'Let's build GPT') with PyTorch Lightning.\n"
@@ -77,6 +78,10 @@ class LitGPTCLI(LightningCLI):
         parser.add_lightning_class_args(SampleTextCallback, "sampling")
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_lightning_class_args(Checkpoint, "periodic_checkpoint")
+        # always on, also when a config gives its own trainer.callbacks list (which replaces the defaults)
+        parser.add_lightning_class_args(InterruptCheckpoint, "interrupt_checkpoint")
+        parser.add_lightning_class_args(Throughput, "throughput")
+        parser.add_lightning_class_args(LossChart, "loss_chart")
         parser.set_defaults(
             {
                 # best.ckpt (lowest val/loss) and last.ckpt, written at every evaluation
@@ -176,7 +181,6 @@ TRAINER_DEFAULTS = {
     "log_every_n_steps": 50,
     "plugins": {"class_path": "lit_gpt_char.checkpoint.AtomicCheckpointIO"},  # no half-written checkpoint files
     "profiler": {"class_path": "lit_gpt_char.cli.QuietProfiler"},
-    "callbacks": [InterruptCheckpoint()],  # Ctrl-C / SIGTERM: save last.ckpt and say how to resume
 }
 
 
