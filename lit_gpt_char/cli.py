@@ -38,6 +38,7 @@ from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT
+from lit_gpt_char.monitor import LossChart, Throughput
 from lit_gpt_char.parser import CLIParser
 from lit_gpt_char.precision import allow_clipping_with_fused_optimizers
 from lit_gpt_char.runs import CHECKPOINTS, RUN_ENV, Run, claim, plan_run
@@ -126,6 +127,10 @@ class LitGPTCLI(LightningCLI):
             parser.add_class_arguments(Checkpoint, key, fail_untyped=False, sub_configs=True, skip={"dirpath"})
             parser.callback_keys.append(key)
             parser.groups[key].title, parser.groups[key].description = help
+        # always on, also when a config gives its own trainer.callbacks list (which replaces the defaults)
+        parser.add_lightning_class_args(InterruptCheckpoint, "interrupt_checkpoint")
+        parser.add_lightning_class_args(Throughput, "throughput")
+        parser.add_lightning_class_args(LossChart, "loss_chart")
         parser.set_defaults(
             {
                 # best.ckpt (lowest val/loss) and last.ckpt, written at every evaluation
@@ -474,7 +479,6 @@ TRAINER_DEFAULTS = {
     "log_every_n_steps": 50,
     "plugins": {"class_path": "lit_gpt_char.checkpoint.AtomicCheckpointIO"},  # no half-written checkpoint files
     "profiler": {"class_path": "lit_gpt_char.cli.QuietProfiler"},
-    "callbacks": [InterruptCheckpoint()],  # Ctrl-C / SIGTERM: save last.ckpt and say how to resume
 }
 
 

@@ -247,6 +247,22 @@ class GPT(nn.Module):
         """Trainable parameters, the tied head counted once."""
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token, forward + backward: 6·N + 12·n_layer·n_embd·block_size.
+
+        6·N: each weight of a matrix product does one multiply-add (2 FLOPs) in the forward pass and
+        two in the backward; N leaves out the embedding tables, which are lookups (a tied token table
+        counts, as the head). The second term is attention's q·k and weights·v, 2·T·C multiply-adds
+        per layer and token forward, times 3 with the backward, over the full context as PaLM's
+        appendix B counts it (no discount for the causal mask), so MFU compares with nanoGPT's and PaLM's.
+        """
+        c = self.config
+        tables = [self.wpe] if self.wpe is not None else []
+        if not c.tie_weights:
+            tables.append(self.wte)
+        n = self.num_params() - sum(t.weight.numel() for t in tables)
+        return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+
     def forward(
         self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
