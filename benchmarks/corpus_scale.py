@@ -140,7 +140,7 @@ def main() -> None:
             line = next(line for line in result["out"].splitlines() if line.startswith("tokenized"))
             mb, seconds, rate = TOKENIZED.search(line).groups()  # type: ignore[union-attr]
             first[name] = {"mb": _num(mb), "seconds": _num(seconds), "rate": _num(rate), "rss": result["rss_mb"]}
-            print(f"first run, {name}: {line}", file=sys.stderr)
+            print(f"first run, {name}: peak RSS {result['rss_mb']:.0f} MB; {line}", file=sys.stderr)
         for round_ in range(args.rounds):
             for name in corpora:
                 result = run([*data[name], *later_args], workdir)

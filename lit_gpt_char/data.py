@@ -312,7 +312,8 @@ class ShakespeareDataModule(LightningDataModule):
         if not 0.0 < train_fraction < 1.0:
             raise LitGPTCharError(f"--data.train_fraction must be strictly between 0 and 1, got {train_fraction}")
         self.given_path = path
-        self.path = Path(path) if path is not None else Path(data_dir) / "input.txt"
+        self.path = Path(path) if path is not None else Path(data_dir) / "input.txt"  # shown in messages
+        self._default_file = Path(data_dir) / "input.txt"
         self.download_url = url if path is None else None
         self.sha256 = sha256 if path is None else None
         self.glob = glob
@@ -346,21 +347,21 @@ class ShakespeareDataModule(LightningDataModule):
     def _corpus(self) -> Corpus:
         """What to tokenize: the user's file or directory, the default file, the packaged or a downloaded corpus."""
         if self.given_path is not None:
-            if self.path.is_dir():
-                return directory(self.path, self.glob, self.separator, self.strict, exclude=self.cache_dir)
+            path = Path(self.given_path)
+            if path.is_dir():
+                return directory(path, self.glob, self.separator, self.strict, exclude=self.cache_dir)
             if self.glob is not None:
-                raise LitGPTCharError(
-                    f"--data.glob selects files in a directory, but --data.path {self.path} is a file"
-                )
-            return single_file(self.path)
-        if not self.path.exists():
+                raise LitGPTCharError(f"--data.glob selects files in a directory, but --data.path {path} is a file")
+            return single_file(path)
+        self.path = self._default_file
+        if not self._default_file.exists():
             if self.download_url == TINY_SHAKESPEARE_URL:
                 corpus = packaged_tiny_shakespeare()
                 self.path = corpus.root
                 return corpus
             if self.download_url is not None:
-                download(self.download_url, self.path, self.sha256)
-        return single_file(self.path, self.sha256)
+                download(self.download_url, self._default_file, self.sha256)
+        return single_file(self._default_file, self.sha256)
 
     def prepare_data(self) -> None:
         """Tokenize the corpus into the cache unless an up-to-date one is there, and check the splits (Lightning
