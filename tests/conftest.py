@@ -110,3 +110,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     finally:
         os.chdir(previous)
     return work / "checkpoints" / "version_0" / "last.ckpt"
+
+
+def printed(output: str) -> list[str]:
+    """The lines a command printed, less the report of a corpus cache it built (``tokenized …``): that line
+    comes before any check that needs the vocabulary, and the cache it reports is kept, valid for the next run."""
+    return [line for line in output.strip().splitlines() if not line.startswith("tokenized ")]

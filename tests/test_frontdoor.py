@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import ROOT, TINY, files_under, make_text, run_main, run_subprocess
+from .conftest import ROOT, TINY, make_text, outputs_under, printed, run_main, run_subprocess
 
 FIT = ["fit", *TINY, "--sampling.final_max_new_tokens", "0", "--sampling.every_n_steps", "0"]
 
@@ -26,6 +26,8 @@ def _error_cases(tmp: Path, corpus: Path, ckpt: Path) -> dict[str, tuple[list[st
     (tmp / "truncated.ckpt").write_bytes(ckpt.read_bytes()[:5000])
     torch.save({"weights": torch.ones(2)}, tmp / "foreign.ckpt")
     (tmp / "other.txt").write_text(make_text(30_000) + "~")
+    empty_dir = tmp / "empty_dir"
+    empty_dir.mkdir()
     data = ["--data.path", str(corpus)]
     fit = [*FIT, *data]
     resume = [*fit, "--ckpt_path", str(ckpt)]
@@ -34,7 +36,7 @@ def _error_cases(tmp: Path, corpus: Path, ckpt: Path) -> dict[str, tuple[list[st
         "no-subcommand": ([], "error: give a subcommand: fit, validate, test or sample"),
         "missing-corpus": ([*FIT, "--data.path", str(tmp / "missing.txt")], "does not exist"),
         "empty-corpus": ([*FIT, "--data.path", str(tmp / "empty.txt")], "empty"),
-        "corpus-is-a-directory": ([*FIT, "--data.path", str(tmp)], "directory"),
+        "empty-corpus-directory": ([*FIT, "--data.path", str(empty_dir)], "has no files"),
         "not-a-number": ([*fit, "--data.batch_size", "many"], 'key "data.batch_size"'),
         "unknown-precision": ([*fit, "--trainer.precision", "bf17"], "--trainer.precision 'bf17' is not one of"),
         "unknown-activation": (
@@ -89,13 +91,13 @@ def test_every_documented_error_is_one_line_and_writes_nothing(
     def run(name: str) -> tuple[str, subprocess.CompletedProcess, list[str], list[str]]:
         work = tmp_path / name
         (work / "checkpoints" / "taken").mkdir(parents=True)  # another run's folder, for run-name-taken
-        before = files_under(work)
+        before = outputs_under(work)
         result = run_subprocess(cases[name][0], cwd=work, timeout=300)
-        return name, result, before, files_under(work)
+        return name, result, before, outputs_under(work)
 
     with ThreadPoolExecutor(max_workers=2) as pool:  # two at a time: this machine has two cores
         for name, result, before, after in pool.map(run, cases):
-            output = (result.stdout + result.stderr).strip().splitlines()
+            output = printed(result.stdout + result.stderr)
             assert result.returncode == 2 and len(output) == 1, (name, result.stdout + result.stderr)
             assert output[0].startswith("error: ") and cases[name][1] in output[0], (name, output[0])
             assert after == before, name
@@ -112,7 +114,7 @@ def _interrupted(corpus: Path, work: Path, sig: signal.Signals) -> tuple[list[st
         time.sleep(0.1)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    return out.splitlines(), err.splitlines()
+    return printed(out), printed(err)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lit_gpt_char.checkpoint import AtomicCheckpointIO
 from lit_gpt_char.precision import allow_clipping_with_fused_optimizers
 
-from .conftest import ROOT, TINY, files_under, make_text, run_main, run_subprocess
+from .conftest import ROOT, TINY, make_text, outputs_under, printed, run_main, run_subprocess
 from .test_cli import read_events
 
 FAST = [*TINY, "--trainer.max_steps", "10", "--sampling.final_max_new_tokens", "0", "--sampling.every_n_steps", "0"]
@@ -37,14 +37,14 @@ def _steps(logdir: Path) -> dict[str, list[int]]:
 
 def test_a_second_run_leaves_the_first_untouched(corpus: Path, workdir: Path, capsys: pytest.CaptureFixture) -> None:
     assert _fit(corpus) == 0
-    first_line = capsys.readouterr().out.splitlines()[0]
+    first_line = printed(capsys.readouterr().out)[0]
     assert first_line == "run version_0: checkpoints in checkpoints/version_0/, logs in lightning_logs/version_0/"
     first = _snapshot(workdir / "checkpoints" / "version_0")
     assert sorted(first) == ["best.ckpt", "last.ckpt"]
     first_logs = _snapshot(workdir / "lightning_logs" / "version_0")
 
     assert _fit(corpus, "--model.config.n_layer", "1") == 0  # another experiment in the same folder
-    assert capsys.readouterr().out.splitlines()[0].startswith("run version_1: checkpoints in checkpoints/version_1/")
+    assert printed(capsys.readouterr().out)[0].startswith("run version_1: checkpoints in checkpoints/version_1/")
     assert _snapshot(workdir / "checkpoints" / "version_0") == first  # bit for bit
     assert _snapshot(workdir / "lightning_logs" / "version_0") == first_logs
     second = torch.load(workdir / "checkpoints" / "version_1" / "last.ckpt", weights_only=True)
@@ -83,7 +83,7 @@ def test_two_runs_started_together_get_their_own_folders(corpus: Path, tmp_path:
     ]
     outs = [proc.communicate(timeout=300) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outs]
-    names = sorted(out.splitlines()[0].split(":")[0] for out, _ in outs)
+    names = sorted(printed(out)[0].split(":")[0] for out, _ in outs)
     assert names == ["run version_0", "run version_1"]
     for version in ("version_0", "version_1"):
         assert sorted(os.listdir(tmp_path / "checkpoints" / version)) == ["best.ckpt", "last.ckpt"]
@@ -102,7 +102,7 @@ def test_resume_continues_the_same_run_as_one_series(
     if form == "last":
         # the newest run is version_1: resume it, then check version_0 resumed by its path separately
         assert _fit(corpus, "--trainer.max_steps", "20", "--ckpt_path", "last") == 0
-        line = capsys.readouterr().out.splitlines()[0]
+        line = printed(capsys.readouterr().out)[0]
         assert line.startswith("run version_1, resumed from checkpoints/version_1/last.ckpt at step 10 (the newest")
         assert _steps(workdir / "lightning_logs" / "version_1")["val/loss"] == [10, 20]
         return
@@ -110,7 +110,7 @@ def test_resume_continues_the_same_run_as_one_series(
     before = dict(read_events(workdir / "lightning_logs" / "version_0")[0]["val/loss"])
     ckpt = "checkpoints/version_0/step-10.ckpt"
     assert _fit(corpus, *every_5, "--trainer.max_steps", "30", "--ckpt_path", ckpt) == 0
-    line = capsys.readouterr().out.splitlines()[0]
+    line = printed(capsys.readouterr().out)[0]
     assert line.startswith(f"run version_0, resumed from {ckpt} at step 10: checkpoints in checkpoints/version_0/")
     steps = _steps(workdir / "lightning_logs" / "version_0")
     assert steps["train/loss"] == [5, 10, 15, 20, 25, 30]  # every step once, in order
@@ -126,16 +126,16 @@ def test_ckpt_path_last_starts_a_run_then_resumes_it(
 ) -> None:
     # a cluster scheduler re-runs the same command: the first time it starts, then it resumes
     assert _fit(corpus, "--ckpt_path", "last") == 0
-    assert capsys.readouterr().out.splitlines()[0].startswith("run version_0: ")
+    assert printed(capsys.readouterr().out)[0].startswith("run version_0: ")
     assert _fit(corpus, "--ckpt_path", "last", "--trainer.max_steps", "20") == 0
-    assert capsys.readouterr().out.splitlines()[0].startswith("run version_0, resumed from")
+    assert printed(capsys.readouterr().out)[0].startswith("run version_0, resumed from")
     assert os.listdir(workdir / "checkpoints") == ["version_0"]
     assert _steps(workdir / "lightning_logs" / "version_0")["val/loss"] == [10, 20]
 
 
 def test_named_runs(corpus: Path, workdir: Path, capsys: pytest.CaptureFixture) -> None:
     assert _fit(corpus, "--run_name", "baseline") == 0
-    out = capsys.readouterr().out
+    out = printed(capsys.readouterr().out)[0]
     assert out.startswith("run baseline: checkpoints in checkpoints/baseline/, logs in lightning_logs/baseline/")
     first = _snapshot(workdir / "checkpoints" / "baseline")
     assert _fit(corpus, "--run_name", "baseline") == 2  # the name is taken: say how to resume it
@@ -149,7 +149,9 @@ def test_named_runs(corpus: Path, workdir: Path, capsys: pytest.CaptureFixture) 
     capsys.readouterr()
     # "last" with a name resumes that run, not the newest one
     assert _fit(corpus, "--run_name", "baseline", "--ckpt_path", "last", "--trainer.max_steps", "20") == 0
-    assert capsys.readouterr().out.startswith("run baseline, resumed from checkpoints/baseline/last.ckpt at step 10:")
+    assert printed(capsys.readouterr().out)[0].startswith(
+        "run baseline, resumed from checkpoints/baseline/last.ckpt at step 10:"
+    )
     assert sorted(os.listdir(workdir / "checkpoints")) == ["baseline", "other"]
     assert _fit(corpus, "--run_name", "a/b") == 2
     assert "--run_name 'a/b' must be a plain folder name" in capsys.readouterr().err
@@ -164,10 +166,10 @@ def test_validate_needs_a_checkpoint_and_writes_no_run(
     logs = _snapshot(workdir / "lightning_logs")
     capsys.readouterr()
     assert run_main(["validate", *FAST, "--data.path", str(corpus), "--ckpt_path", "best"]) == 0
-    out = capsys.readouterr().out
+    out = printed(capsys.readouterr().out)[0]
     assert out.startswith("validate checkpoints/version_0/best.ckpt (step 10)")
     assert _snapshot(workdir / "lightning_logs") == logs  # no new TensorBoard run, no config.yaml
-    assert sorted(os.listdir(workdir)) == ["checkpoints", "lightning_logs"]
+    assert sorted(os.listdir(workdir)) == ["checkpoints", "data", "lightning_logs"]  # data/: the corpus cache
 
 
 # ---- one semantics for resuming, whatever form --ckpt_path takes ----
@@ -176,7 +178,7 @@ def test_validate_needs_a_checkpoint_and_writes_no_run(
 def test_the_checkpoint_decides_the_model(corpus: Path, workdir: Path, capsys: pytest.CaptureFixture) -> None:
     assert _fit(corpus) == 0  # 2 layers (TINY's flag; configs/small.yaml says 4)
     capsys.readouterr()
-    before = files_under(workdir)
+    before = outputs_under(workdir)
     for form in ("last", "checkpoints/version_0/last.ckpt"):
         # a flag that conflicts with the checkpoint: one line naming both values, nothing written
         assert _fit(corpus, "--model.config.n_layer", "3", "--ckpt_path", form, "--trainer.max_steps", "20") == 2
@@ -185,7 +187,7 @@ def test_the_checkpoint_decides_the_model(corpus: Path, workdir: Path, capsys: p
         assert "trained with 2: when resuming, the checkpoint decides the model" in err[0]
         assert _fit(corpus, "--model.learning_rate=0.01", "--ckpt_path", form) == 2
         assert "--model.learning_rate 0.01 conflicts" in capsys.readouterr().err
-    assert files_under(workdir) == before
+    assert outputs_under(workdir) == before
 
     # without the flag, the config file's 4 layers give way to the checkpoint's 2
     i = FAST.index("--model.config.n_layer")
@@ -203,18 +205,18 @@ def test_a_checkpoint_from_elsewhere_starts_a_new_run(
 ) -> None:
     # tiny_checkpoint lies in another project folder: its run is not this folder's to continue
     assert _fit(corpus, "--ckpt_path", str(tiny_checkpoint), "--trainer.max_steps", "25") == 0
-    line = capsys.readouterr().out.splitlines()[0]
+    line = printed(capsys.readouterr().out)[0]
     assert line.startswith(f"run version_0, starting from the weights of {tiny_checkpoint} at step 20: ")
     assert torch.load(workdir / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == 25
     assert torch.load(tiny_checkpoint, weights_only=True)["global_step"] == 20
 
 
 def _one_line_and_nothing_written(args: list[str], cwd: Path) -> str:
-    before = files_under(cwd)
+    before = outputs_under(cwd)
     result = run_subprocess(args, cwd=cwd, timeout=120)
-    lines = (result.stdout + result.stderr).strip().splitlines()
+    lines = printed(result.stdout + result.stderr)
     assert result.returncode == 2 and len(lines) == 1, result.stdout + result.stderr
-    assert files_under(cwd) == before
+    assert outputs_under(cwd) == before
     return lines[0]
 
 
@@ -228,7 +230,7 @@ def test_resume_with_another_vocabulary_is_the_only_line(tiny_checkpoint: Path, 
         ["fit", *FAST, "--data.path", str(other), "--ckpt_path", str(tiny_checkpoint)], work
     )
     assert line.startswith("error: the checkpoint's vocabulary") and "only in the corpus: '~'" in line
-    assert files_under(work) == []
+    assert outputs_under(work) == []
 
 
 # ---- every shipped config trains ----
@@ -294,7 +296,9 @@ def test_resume_on_more_devices(corpus: Path, tmp_path: Path) -> None:
     args = ["fit", *FAST, "--data.path", str(corpus), *ddp, "--ckpt_path", "last", "--trainer.max_steps", "20"]
     result = run_subprocess(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith("run version_0, resumed from checkpoints/version_0/last.ckpt at step 10")
+    assert printed(result.stdout)[0].startswith(
+        "run version_0, resumed from checkpoints/version_0/last.ckpt at step 10"
+    )
     assert os.listdir(tmp_path / "checkpoints") == ["version_0"]  # the second process joined rank 0's run
     assert "sync_dist" not in result.stderr  # val/loss is synced by torchmetrics: no warning that it is not
     assert torch.load(tmp_path / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == 20
