@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn import functional as F
 from torchmetrics import MeanMetric
 
@@ -152,8 +153,10 @@ class LitGPT(LightningModule):
         self.log(f"{prefix}/bpc", loss / math.log(2))
         # "step" is the x-axis of what is logged with it (not a metric itself): optimizer steps completed,
         # trainer.global_step, as in checkpoint names. Lightning's own counter is one behind for validation
-        # mid-epoch, and one ahead after resuming from a checkpoint saved there
-        self.log("step", float(self.global_step))
+        # mid-epoch, and one ahead after resuming from a checkpoint saved there. Only while fitting: a
+        # validate/test run has no x-axis to give, and Lightning would list "step" in its table of metrics
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            self.log("step", float(self.global_step))
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val", self.val_loss)

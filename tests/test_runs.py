@@ -166,8 +166,10 @@ def test_validate_needs_a_checkpoint_and_writes_no_run(
     logs = _snapshot(workdir / "lightning_logs")
     capsys.readouterr()
     assert run_main(["validate", *FAST, "--data.path", str(corpus), "--ckpt_path", "best"]) == 0
-    out = printed(capsys.readouterr().out)[0]
-    assert out.startswith("validate checkpoints/version_0/best.ckpt (step 10)")
+    lines = printed(capsys.readouterr().out)
+    assert lines[0].startswith("validate checkpoints/version_0/best.ckpt (step 10)")
+    rows = [line.strip(" │┃|").split()[:1] for line in lines]
+    assert ["val/loss"] in rows and ["step"] not in rows  # "step" is the x-axis of a fit, not a metric
     assert _snapshot(workdir / "lightning_logs") == logs  # no new TensorBoard run, no config.yaml
     assert sorted(os.listdir(workdir)) == ["checkpoints", "data", "lightning_logs"]  # data/: the corpus cache
 
