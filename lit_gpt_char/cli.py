@@ -327,8 +327,8 @@ class LitGPTCLI(LightningCLI):
             return
         gpt = self.model.model
         windows = self.config["fit"].data.batch_size * self.trainer.accumulate_grad_batches
-        # 6 FLOPs per parameter per token for forward + backward: under ~1e11 a step is well under a second
-        if 6 * sum(p.numel() for p in gpt.parameters()) * windows * gpt.config.block_size < 1e11:
+        # training FLOPs of one step: under ~1e11 a step is well under a second on any CPU
+        if gpt.flops_per_token() * windows * gpt.config.block_size < 1e11:
             return
         with torch.no_grad(), self.trainer.precision_plugin.forward_context():
             start = time.perf_counter()
