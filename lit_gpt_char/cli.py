@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from argparse import Action
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +35,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lit_gpt_char.callbacks import Checkpoint, InterruptCheckpoint, SampleTextCallback
 from lit_gpt_char.checkpoint import read_checkpoint
 from lit_gpt_char.data import ShakespeareDataModule
+from lit_gpt_char.distributed import publish_run_name, published_run_name, slurm_run_name
 from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT
@@ -166,11 +167,17 @@ class LitGPTCLI(LightningCLI):
         if self._is_child():
             run_name = os.environ.get(RUN_ENV, run_name)
             if subcommand == "fit" and run_name is None:
+                run_name = published_run_name()  # under torchrun: the run rank 0 chose
+        run = plan_run(config.ckpt_path, run_name)
+        if subcommand == "fit" and not run.name:  # a new run, to be numbered when claimed
+            slurm = slurm_run_name()  # every rank of an srun job can name it alike
+            if slurm is not None:
+                run = replace(run, name=slurm, checkpoint_dir=CHECKPOINTS / slurm)
+            elif self._is_child():
                 raise LitGPTCharError(
-                    "a process started by an outside launcher (torchrun, srun) cannot know the run of rank 0: "
+                    "this process was started by an outside launcher that does not say which run rank 0 chose: "
                     "give the job a --run_name"
                 )
-        run = plan_run(config.ckpt_path, run_name)
         if subcommand != "fit" and run.resume_from is None:
             which = f"run {run_name}" if run_name else "no run in checkpoints/"
             raise LitGPTCharError(
@@ -234,15 +241,20 @@ class LitGPTCLI(LightningCLI):
             self._run = claim(self._run, log_root)
             if not self._run.continues:
                 self._claimed = [self._run.checkpoint_dir] + ([CHECKPOINTS] if created_root else [])
+            publish_run_name(self._run.name)  # under torchrun the other ranks wait for it
         run = self._run
         if tensorboard:
             logger.init_args.version = run.name
             if run.continues:
                 # one series per run: TensorBoard drops what was logged after the checkpoint resumed from
                 logger.init_args.purge_step = self._resume_step() + 1
-        if run.continues:  # the first config.yaml stays; each resume records its own command beside it
-            name = f"config-resumed-at-step-{self._resume_step()}.yaml" if run.resume_from else "config.yaml"
-            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": name, "overwrite": True}
+        # The run owns its log folder (claimed atomically), so writing the config never overwrites another run's.
+        # Always overwrite: otherwise Lightning's SaveConfigCallback broadcasts from rank 0 whether the file exists,
+        # a collective that a rank joining a just-claimed run (which it sees as continued) would skip: a hang.
+        self.save_config_kwargs = {**self.save_config_kwargs, "overwrite": True}
+        if run.continues and run.resume_from:  # the first config.yaml stays; each resume records its command beside it
+            name = f"config-resumed-at-step-{self._resume_step()}.yaml"
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": name}
 
     def _resume_step(self) -> int:
         return int(self._ckpt["global_step"]) if self._ckpt is not None else 0
@@ -319,7 +331,15 @@ class LitGPTCLI(LightningCLI):
             how = "resumed from" if run.continues else "starting from the weights of"
             resumed = f", {how} {run.resume_from} at step {self._resume_step()}"
             resumed += " (the newest run)" if run.picked else ""
-        return f"run {run.name}{resumed}: checkpoints in {_short(run.checkpoint_dir)}{os.sep}, {logs}"
+        line = f"run {run.name}{resumed}: checkpoints in {_short(run.checkpoint_dir)}{os.sep}, {logs}"
+        before = _trained_world_size(self._ckpt) if run.continues and self._ckpt is not None else None
+        if before is not None and before != self.trainer.world_size:
+            line += (
+                f"\nnote: this run trained with {before} process(es) and resumes with {self.trainer.world_size}: each "
+                f"rank's window stream continues from step {self._resume_step()} (ranks the checkpoint has no state "
+                f"for start their own), so the steps from here differ from an unbroken run's"
+            )
+        return line
 
     def _warn_if_sized_for_a_gpu(self) -> None:
         """One line when a run on a CPU would take hours: the expected time per step, and the CPU config."""
@@ -393,6 +413,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+def _trained_world_size(checkpoint: dict) -> Optional[int]:
+    """How many processes wrote ``checkpoint``'s run (one RNG state per rank), or None if it does not say."""
+    if "world_size" in checkpoint:
+        return int(checkpoint["world_size"])
+    states = checkpoint.get("rng_states")
+    return len(states) if isinstance(states, list) else None
 
 
 def _short(path: str | Path) -> str:

@@ -32,6 +32,7 @@ class Probe(Callback):
         record = {
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
+            "cluster_environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
             "global_step": trainer.global_step,
             "batches": self.batches,
             "val_losses": self.val_losses,
@@ -114,3 +115,17 @@ class Losses(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"losses{trainer.global_rank}.json").write_text(json.dumps(self.losses))
+
+
+class LoseWorker(Callback):
+    """SIGKILLs rank ``rank`` at the start of optimizer step ``at_step`` of the first torchrun attempt only
+    (TORCHELASTIC_RESTART_COUNT 0): a worker lost once, as a failed machine loses it; the restarted job goes on."""
+
+    def __init__(self, at_step: int, rank: int = 1) -> None:
+        self.at_step = at_step
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if first_attempt and trainer.global_rank == self.rank and trainer.global_step == self.at_step:
+            os.kill(os.getpid(), signal_module.SIGKILL)
