@@ -6,9 +6,10 @@ One job: `torchrun --standalone --nproc-per-node 2 --max-restarts 1 -m lit_gpt_c
 40 steps, `--ckpt_path last`, a checkpoint every 10 steps). It runs once unbroken; then, per trial, rank 1 is
 SIGKILLed at the start of step 25 (tests.probes.LoseWorker, first attempt only), torchrun restarts both workers,
 and the job must end at step 40 with final weights bit-for-bit equal to the unbroken run's. The baseline is the
-same job with Lightning's own DDPStrategy (`--trainer.strategy lightning.pytorch.strategies.DDPStrategy`), whose
-process group sits on torchrun's shared store without a prefix per attempt. Each job has 240 s; one that runs
-past it (a hang) is killed with everything it started and counts as failed.
+same job with Lightning's own DDPStrategy (`--trainer.strategy '{"class_path":
+"lightning.pytorch.strategies.DDPStrategy"}'`), whose process group sits on torchrun's shared store without a
+prefix per attempt. Each job has --limit seconds (default 60; an unbroken one takes ~15 s); one that runs past it
+(a hang) is killed with everything it started and counts as failed.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ JOB = [
     "--ckpt_path", "last", "--periodic_checkpoint.every_n_train_steps", "10",
 ]  # fmt: skip
 LOSE = ["--trainer.callbacks+=tests.probes.LoseWorker", "--trainer.callbacks.at_step", "25"]
-STRATEGIES = {"ElasticDDPStrategy (ddp)": "ddp", "Lightning's DDPStrategy": "lightning.pytorch.strategies.DDPStrategy"}
+# Lightning's own class, as a class_path: a plain dotted name would be read as a (lower-cased) registry name
+LIGHTNING_DDP = '{"class_path": "lightning.pytorch.strategies.DDPStrategy"}'
+STRATEGIES = {"ElasticDDPStrategy (ddp)": "ddp", "Lightning's DDPStrategy": LIGHTNING_DDP}
 
 
-def run_job(work: Path, corpus: Path, strategy: str, extra: list[str]) -> tuple[str, float]:
+def run_job(work: Path, corpus: Path, strategy: str, extra: list[str], limit: float) -> tuple[str, float]:
     """Run the job in ``work``: (outcome, seconds). Outcome: "ok", "exit N" or "hung"."""
     work.mkdir(parents=True)
     command = [sys.executable, *JOB, "--trainer.strategy", strategy, "--data.path", str(corpus), *extra]
@@ -49,7 +52,7 @@ def run_job(work: Path, corpus: Path, strategy: str, extra: list[str]) -> tuple[
         stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
-        outcome = "ok" if proc.wait(timeout=240) == 0 else f"exit {proc.returncode}"
+        outcome = "ok" if proc.wait(timeout=limit) == 0 else f"exit {proc.returncode}"
     except subprocess.TimeoutExpired:
         outcome = "hung"
     finally:
@@ -73,12 +76,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=10, help="kills with this project's ddp (default 10)")
     parser.add_argument("--baseline-trials", type=int, default=10, help="kills with Lightning's DDPStrategy")
+    parser.add_argument("--limit", type=float, default=60, help="seconds a job may take before it counts as hung")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="lit_gpt_char_lost_worker_"))
     corpus = scratch / "corpus.txt"
     corpus.write_text(make_text(30_000), encoding="utf-8")
 
-    outcome, seconds = run_job(scratch / "unbroken", corpus, "ddp", [])
+    outcome, seconds = run_job(scratch / "unbroken", corpus, "ddp", [], args.limit)
     expected = final_weights(scratch / "unbroken")
     if outcome != "ok" or expected is None:
         raise SystemExit(f"the unbroken job failed ({outcome}); see {scratch / 'unbroken'}")
@@ -90,8 +94,8 @@ def main() -> None:
         finished = exact = 0
         times = []
         for trial in range(trials):
-            work = scratch / f"{strategy.rsplit('.', 1)[-1]}-{trial}"
-            outcome, seconds = run_job(work, corpus, strategy, LOSE)
+            work = scratch / f"{'ddp' if strategy == 'ddp' else 'lightning'}-{trial}"
+            outcome, seconds = run_job(work, corpus, strategy, LOSE, args.limit)
             final = final_weights(work) if outcome == "ok" else None
             same = final is not None and all(torch.equal(final[k], expected[k]) for k in expected)
             finished += outcome == "ok"

@@ -393,12 +393,18 @@ class RunPolicy(Callback):
         if pl_module.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(pl_module.device)
         if trainer.world_size > 1:  # every rank saves alike; only rank 0 writes, so it gathers the others' states
+            # torch.distributed directly: Lightning's all_gather goes through the deprecated autograd-aware
+            # gather (a warning on every rank at every checkpoint). One tensor per rank, not views of one:
+            # torch.set_rng_state ignores a view's storage offset (it would read rank 0's bytes, or crash)
             root = trainer.strategy.root_device
-            gathered = {key: trainer.strategy.all_gather(state.to(root)).cpu() for key, state in states.items()}
-            # a tensor of its own for each rank: torch.set_rng_state ignores a view's storage offset (it would read
-            # rank 0's bytes, or crash)
+            gathered = {}
+            for key, state in states.items():
+                state = state.to(root)
+                parts = [torch.empty_like(state) for _ in range(trainer.world_size)]
+                torch.distributed.all_gather(parts, state)
+                gathered[key] = [part.cpu() for part in parts]
             checkpoint["rng_states"] = [
-                {key: g[rank].clone() for key, g in gathered.items()} for rank in range(trainer.world_size)
+                {key: g[rank] for key, g in gathered.items()} for rank in range(trainer.world_size)
             ]
         else:
             checkpoint["rng_states"] = [states]

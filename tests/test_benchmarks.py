@@ -33,3 +33,13 @@ def test_sweep_script_at_toy_size() -> None:
     row = next(line for line in out.splitlines() if line.startswith("| nanogpt (baseline)"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "30" and 0 < float(cells[3]) < 4.5  # steps, best val
+
+
+def test_laptop_script_at_toy_size() -> None:
+    """benchmarks/laptop.py reads each run's val curve and prints its table (a few steps, shapes shrunk)."""
+    toy = ["--model.config.n_embd", "32", "--trainer.max_steps", "6", "--trainer.val_check_interval", "3"]
+    out = _run("laptop.py", "--runs", "2", "--", *toy)
+    rows = [line for line in out.splitlines() if line.startswith("| laptop.yaml |")]
+    assert len(rows) == 2
+    assert all(3.0 < float(row.split("|")[4]) < 4.5 for row in rows)  # final val after 6 steps
+    assert "laptop.yaml over 2 runs: whole process median" in out
