@@ -205,3 +205,17 @@ def test_srun_environment(corpus: Path, tmp_path: Path) -> None:
     assert [r["cluster_environment"] for r in ranks] == ["SLURMEnvironment"] * 2
     check_one_job(work, ranks, [out for _, out, _ in results], "slurm_4242")
     assert "run slurm_4242:" in results[0][1]
+
+
+def test_a_rank_that_cannot_learn_the_run_says_so(corpus: Path, tmp_path: Path) -> None:
+    """A process that is not rank 0, started by a launcher that hands over no run name (no torchrun store, no
+    SLURM job), cannot guess rank 0's run: one error line that says what to pass, and nothing written."""
+    work = tmp_path / "work"
+    work.mkdir()
+    command = [sys.executable, "-m", "lit_gpt_char", "fit", *TINY, "--data.path", str(corpus)]
+    [(status, out, err)] = launch([command], work, [{"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}], timeout=60)
+    assert status == 2
+    lines = [line for line in (out + err).strip().splitlines() if not line.startswith("tokenized ")]
+    assert len(lines) == 1 and lines[0].startswith("error: this process was started by an outside launcher")
+    assert lines[0].endswith("give the job a --run_name")
+    assert not (work / "checkpoints").exists() and not (work / "lightning_logs").exists()
