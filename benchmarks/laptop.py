@@ -50,6 +50,7 @@ NANOGPT_ARGS = [
 # (name, overrides of configs/laptop.yaml): the recipes the sweep of 2026-11-24 compared (README, Results)
 W128 = ["--model.config.n_embd", "128", "--model.config.n_head", "4"]
 W96 = ["--model.config.n_embd", "96", "--model.config.n_head", "3"]
+ADAMW = ["--model.optimizer", "adamw"]  # the sweep's AdamW rows (laptop.yaml itself uses Muon)
 
 
 def _steps(n: int) -> list[str]:
@@ -57,13 +58,14 @@ def _steps(n: int) -> list[str]:
 
 
 SWEEP: list[tuple[str, list[str]]] = [
-    ("128 wide, 4 heads, batch 32, 600 steps", [*W128, *_steps(600)]),
-    ("... block 128, batch 16", [*W128, *_steps(600), "--data.block_size", "128", "--data.batch_size", "16"]),
-    ("... block 256, batch 8", [*W128, *_steps(600), "--data.block_size", "256", "--data.batch_size", "8"]),
-    ("... lr 6e-3", [*W128, *_steps(600), "--model.learning_rate", "6e-3"]),
+    ("128 wide, 4 heads, batch 32, 600 steps", [*ADAMW, *W128, *_steps(600)]),
+    ("... block 128, batch 16", [*ADAMW, *W128, *_steps(600), "--data.block_size", "128", "--data.batch_size", "16"]),
+    ("... block 256, batch 8", [*ADAMW, *W128, *_steps(600), "--data.block_size", "256", "--data.batch_size", "8"]),
+    ("... lr 6e-3", [*ADAMW, *W128, *_steps(600), "--model.learning_rate", "6e-3"]),
     (
         "... learned positions, ReLU, no QK-norm",
         [
+            *ADAMW,
             *W128,
             *_steps(600),
             "--model.config.positions",
@@ -74,17 +76,18 @@ SWEEP: list[tuple[str, list[str]]] = [
             "false",
         ],
     ),  # fmt: skip
-    ("96 wide, 3 heads, batch 32, 600 steps", [*W96, *_steps(600)]),
-    ("128 wide, batch 16, 900 steps", [*W128, *_steps(900), "--data.batch_size", "16"]),
-    ("128 wide, batch 16, 1200 steps", [*W128, *_steps(1200), "--data.batch_size", "16"]),
-    ("96 wide, batch 16, 1400 steps", [*W96, *_steps(1400), "--data.batch_size", "16"]),
-    ("64 wide, 2 heads, batch 32, 1250 steps", _steps(1250)),
-    ("... lr 5e-3", [*_steps(1250), "--model.learning_rate", "5e-3"]),
-    ("... 4 heads", [*_steps(1250), "--model.config.n_head", "4"]),
-    ("... 1 head", [*_steps(1250), "--model.config.n_head", "1"]),
-    ("... 6 layers, 850 steps", [*_steps(850), "--model.config.n_layer", "6"]),
-    ("... batch 16, 2200 steps", [*_steps(2200), "--data.batch_size", "16"]),
-    ("laptop.yaml (64 wide, 2 heads, batch 32, 1200 steps)", []),
+    ("96 wide, 3 heads, batch 32, 600 steps", [*ADAMW, *W96, *_steps(600)]),
+    ("128 wide, batch 16, 900 steps", [*ADAMW, *W128, *_steps(900), "--data.batch_size", "16"]),
+    ("128 wide, batch 16, 1200 steps", [*ADAMW, *W128, *_steps(1200), "--data.batch_size", "16"]),
+    ("96 wide, batch 16, 1400 steps", [*ADAMW, *W96, *_steps(1400), "--data.batch_size", "16"]),
+    ("64 wide, 2 heads, batch 32, 1250 steps", [*ADAMW, *_steps(1250)]),
+    ("... lr 5e-3", [*ADAMW, *_steps(1250), "--model.learning_rate", "5e-3"]),
+    ("... 4 heads", [*ADAMW, *_steps(1250), "--model.config.n_head", "4"]),
+    ("... 1 head", [*ADAMW, *_steps(1250), "--model.config.n_head", "1"]),
+    ("... 6 layers, 850 steps", [*ADAMW, *_steps(850), "--model.config.n_layer", "6"]),
+    ("... batch 16, 2200 steps", [*ADAMW, *_steps(2200), "--data.batch_size", "16"]),
+    ("64 wide, Muon for the matrices, 1100 steps", _steps(1100)),
+    ("laptop.yaml (64 wide, Muon, 1200 steps)", []),
 ]
 
 

@@ -28,16 +28,19 @@ def _losses(logdir: Path) -> dict[int, float]:
     return dict(read_events(logdir)[0]["train/loss"])
 
 
-def test_resumed_run_equals_an_unbroken_one(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resumed_run_equals_an_unbroken_one(
+    optimizer: str, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     for d in (straight, broken):
         d.mkdir()
+    common = ["fit", *RESUMABLE, "--data.path", str(corpus), "--model.optimizer", optimizer]
     monkeypatch.chdir(straight)
-    assert run_main(["fit", *RESUMABLE, "--data.path", str(corpus), "--trainer.max_steps", "60"]) == 0
+    assert run_main([*common, "--trainer.max_steps", "60"]) == 0
     monkeypatch.chdir(broken)
-    assert run_main(["fit", *RESUMABLE, "--data.path", str(corpus), "--trainer.max_steps", "30"]) == 0
-    args = ["fit", *RESUMABLE, "--data.path", str(corpus), "--trainer.max_steps", "60", "--ckpt_path", "last"]
-    assert run_main(args) == 0
+    assert run_main([*common, "--trainer.max_steps", "30"]) == 0
+    assert run_main([*common, "--trainer.max_steps", "60", "--ckpt_path", "last"]) == 0
 
     expected, got = _losses(straight / "lightning_logs"), _losses(broken / "lightning_logs")
     assert sorted(expected) == sorted(got) == list(range(1, 61))
@@ -49,6 +52,13 @@ def test_resumed_run_equals_an_unbroken_one(corpus: Path, tmp_path: Path, monkey
         assert torch.equal(tensor, b["state_dict"][name]), name
     for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # with Muon, one state dict holds both optimizers' state: AdamW's moments and Muon's momentum buffers
+    kinds = {key for state in a["optimizer_states"][0]["state"].values() for key in state}
+    assert kinds == (
+        {"step", "exp_avg", "exp_avg_sq", "momentum_buffer"}
+        if optimizer == "muon"
+        else {"step", "exp_avg", "exp_avg_sq"}
+    )
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:

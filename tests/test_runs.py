@@ -254,11 +254,14 @@ def test_every_config_trains_on_a_cpu(config: Path, corpus: Path, workdir: Path)
     saved = yaml.safe_load((workdir / "lightning_logs" / "version_0" / "config.yaml").read_text())
     for key in ("precision", "gradient_clip_val"):
         assert saved["trainer"][key] == own["trainer"][key]
-    for key in ("learning_rate", "lr_schedule", "warmup_steps", "weight_decay", "betas", "fused_adamw"):
+    for key in ("learning_rate", "lr_schedule", "warmup_steps", "weight_decay", "betas", "fused_adamw", "optimizer"):
         assert saved["model"][key] == own["model"].get(key, saved["model"][key]), key
     ckpt = torch.load(workdir / "checkpoints" / "version_0" / "step-3.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
-    assert all(group["fused"] for group in ckpt["optimizer_states"][0]["param_groups"])  # fused_adamw null: on
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    adamw = [group for group in groups if "betas" in group]
+    assert adamw and all(group["fused"] for group in adamw)  # fused_adamw null: on
+    assert any("momentum" in group for group in groups) == (own["model"].get("optimizer", "adamw") == "muon")
     assert bool(ckpt["lr_schedulers"]) == (
         own["model"]["lr_schedule"] != "constant" or own["model"]["warmup_steps"] > 0
     )
