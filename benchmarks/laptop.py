@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runs import ROOT, val_curve  # noqa: E402
+from runs import fit, val_curve  # noqa: E402
 
 from lit_gpt_char.corpus import tiny_shakespeare_text  # noqa: E402
 
@@ -91,27 +91,12 @@ SWEEP: list[tuple[str, list[str]]] = [
 ]
 
 
-def timed(command: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float, str]:
-    """(start time.time(), wall seconds, stdout) of one process run to completion; exits if it fails."""
-    start_wall = time.time()
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return start_wall, wall, result.stdout
-
-
 def laptop_run(overrides: list[str]) -> dict:
     work = Path(tempfile.mkdtemp(prefix="lit_gpt_char_laptop_"))
-    command = [
-        sys.executable, "-m", "lit_gpt_char", "fit", "--config", str(ROOT / "configs" / "laptop.yaml"),
-        "--trainer.enable_progress_bar", "false", *overrides,
-    ]  # fmt: skip
-    start, wall, _ = timed(command, work, {**os.environ, "PYTHONPATH": str(ROOT)})
+    _, start, end = fit("configs/laptop.yaml", overrides, work)
     curve = val_curve(work, start)
     first = next((seconds for _, loss, seconds in curve if loss <= 1.88), None)
-    return {"wall": wall, "val": curve[-1][1], "steps": curve[-1][0], "first_188": first, "curve": curve}
+    return {"wall": end - start, "val": curve[-1][1], "steps": curve[-1][0], "first_188": first, "curve": curve}
 
 
 def nanogpt_run(checkout: Path) -> dict:
@@ -128,8 +113,12 @@ def nanogpt_run(checkout: Path) -> dict:
     ids[int(n * 0.9) :].tofile(data / "val.bin")
     with open(data / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
-    _, wall, out = timed([sys.executable, "train.py", *NANOGPT_ARGS], work)
-    evals = re.findall(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", out)
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "train.py", *NANOGPT_ARGS], cwd=work, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"nanoGPT's train.py failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    evals = re.findall(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", result.stdout)
     return {"wall": wall, "val": float(evals[-1][1]), "steps": int(evals[-1][0])}
 
 

@@ -408,7 +408,6 @@ class RunPolicy(Callback):
             ]
         else:
             checkpoint["rng_states"] = [states]
-        checkpoint["world_size"] = trainer.world_size
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("rng_states", [])

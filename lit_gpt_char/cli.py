@@ -416,9 +416,8 @@ def _plain(value: Any) -> Any:
 
 
 def _trained_world_size(checkpoint: dict) -> Optional[int]:
-    """How many processes wrote ``checkpoint``'s run (one RNG state per rank), or None if it does not say."""
-    if "world_size" in checkpoint:
-        return int(checkpoint["world_size"])
+    """How many processes wrote ``checkpoint``'s run (it holds one RNG state per rank), or None if it does not say
+    (written before the states were kept per rank)."""
     states = checkpoint.get("rng_states")
     return len(states) if isinstance(states, list) else None
 

@@ -195,7 +195,7 @@ class LitGPT(LightningModule):
     def configure_optimizers(self) -> Union[torch.optim.Optimizer, dict[str, Any]]:
         hp = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
-        muon = hp.get("optimizer", "adamw") == "muon"
+        muon = hp.optimizer == "muon"
         # Muon takes the blocks' weight matrices; the embedding tables and the head stay on AdamW
         matrices = {p for block in self.model.h for p in block.parameters() if p.dim() == 2} if muon else set()
         groups = [
@@ -207,7 +207,7 @@ class LitGPT(LightningModule):
         adamw = {"lr": hp.learning_rate, "betas": tuple(hp.betas), "fused": fused}
         if muon:
             muon_params = [p for p in params if p in matrices]
-            optimizer = MuonAdamW(muon_params, groups, hp.get("muon_lr", 0.02), hp.get("muon_momentum", 0.95), **adamw)
+            optimizer = MuonAdamW(muon_params, groups, hp.muon_lr, hp.muon_momentum, **adamw)
         else:
             optimizer = torch.optim.AdamW(groups, **adamw)
         if hp.lr_schedule == "constant" and hp.warmup_steps == 0:
