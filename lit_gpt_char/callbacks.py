@@ -4,6 +4,7 @@ exact: divergence, evaluations at optimizer steps, per-rank random streams)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -169,7 +170,9 @@ class InterruptCheckpoint(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
         if trainer.global_step != self._seen_step:  # this batch stepped the optimizer: a whole step is done
             self._seen_step = trainer.global_step
-            self._decide(trainer)
+            # Lightning's stop would cut short the evaluation due at this step: decide after it (on_validation_end)
+            if not evaluation_follows(trainer):
+                self._decide(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
@@ -195,7 +198,7 @@ class InterruptCheckpoint(Callback):
             if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
                 print(
                     f"interrupted by Ctrl-C during step {trainer.global_step + 1}: nothing saved (the last checkpoint "
-                    f"is {_shown(getattr(trainer.checkpoint_callback, 'last_model_path', '')) or 'none'})",
+                    f"is {_shown(last_checkpoint(trainer)) or 'none'})",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -222,8 +225,25 @@ def _shown(path: str | Path) -> str:
     return str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
 
 
+def evaluation_follows(trainer: Trainer) -> bool:
+    """Whether Lightning evaluates at the end of the batch under way (asked in on_train_batch_end)."""
+    loop = trainer.fit_loop
+    return loop.epoch_loop._should_check_val_fx(loop._data_fetcher)
+
+
+def last_checkpoint(trainer: Trainer) -> str:
+    """The path of the newest last.ckpt this run wrote, or ""."""
+    return next((cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.last_model_path), "")
+
+
 class Checkpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint, with ``{step}`` in filenames always the optimizer step being saved.
+    """Lightning's ModelCheckpoint, with ``{step}`` in filenames always the optimizer step being saved, a save due at an
+    evaluation step made after that evaluation, and two rules Lightning does not keep:
+
+    - with ``save_last``, last.ckpt is the newest state: also written after an evaluation and at the end of fit when
+      this callback saved nothing else there (Lightning writes it only beside one of its own saves);
+    - with a ``monitor``, resuming an older checkpoint of the run keeps the scores of the files on disk, not those of
+      the step resumed from, so a worse model never replaces a better one.
 
     LitGPT logs a "step" value as TensorBoard's x-axis only when it logs (every log_every_n_steps and
     at evaluations); ModelCheckpoint would take that, possibly stale, value for ``{step}``. The state
@@ -241,11 +261,31 @@ class Checkpoint(ModelCheckpoint):
         # the step a run resumes from is on disk already; saving it again would, under gradient accumulation,
         # write the state of the first micro-batch after resuming, in the middle of an accumulation window
         self._last_global_step_saved = trainer.global_step
+        if self.monitor and self.best_k_models:
+            self._rescore_from_disk(trainer)
+
+    def _rescore_from_disk(self, trainer: Trainer) -> None:
+        scores = {}
+        if trainer.is_global_zero:  # the files are rank 0's; every rank must take the same decisions
+            for path in self.best_k_models:
+                if os.path.isfile(path):
+                    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                    score = saved.get("callbacks", {}).get(self.state_key, {}).get("current_score")
+                    if score is not None:
+                        scores[path] = score
+        self.best_k_models = trainer.strategy.broadcast(scores)
+        if not self.best_k_models:
+            self.best_model_score, self.best_model_path, self.kth_best_model_path = None, "", ""
+            return
+        best, worst = (min, max) if self.mode == "min" else (max, min)
+        self.best_model_path = best(self.best_k_models, key=self.best_k_models.get)
+        self.best_model_score = self.best_k_models[self.best_model_path]
+        self.kth_best_model_path = worst(self.best_k_models, key=self.best_k_models.get)
+        self.kth_value = self.best_k_models[self.kth_best_model_path]
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         n = self._every_n_train_steps
-        loop = trainer.fit_loop
-        if n and trainer.global_step % n == 0 and loop.epoch_loop._should_check_val_fx(loop._data_fetcher):
+        if n and trainer.global_step % n == 0 and evaluation_follows(trainer):
             # an evaluation follows at this step: save after it. Lightning resumes from a file written before the
             # evaluation by skipping it, so a run killed during that evaluation would never have it
             self._after_evaluation = args
@@ -254,9 +294,20 @@ class Checkpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if trainer.state.fn == TrainerFn.FITTING and self._after_evaluation is not None:
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return
+        if self._after_evaluation is not None:
             args, self._after_evaluation = self._after_evaluation, None
             super().on_train_batch_end(trainer, pl_module, *args)
+        self._save_last_if_new(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._save_last_if_new(trainer)
+
+    def _save_last_if_new(self, trainer: Trainer) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     @property
     def state_key(self) -> str:
@@ -341,7 +392,7 @@ class RunPolicy(Callback):
 
     @staticmethod
     def _diverged(trainer: Trainer, step: int, loss: str) -> None:
-        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        last = last_checkpoint(trainer) or "none written yet"
         raise LitGPTCharError(
             f"training diverged: the loss {loss} at step {step}. Checkpoints are kept as they were "
             f"(last: {last}); try a lower --model.learning_rate, --model.warmup_steps or "

@@ -134,13 +134,13 @@ class LitGPTCLI(LightningCLI):
         parser.add_lightning_class_args(LossChart, "loss_chart")
         parser.set_defaults(
             {
-                # best.ckpt (lowest val/loss) and last.ckpt, written at every evaluation
+                # best.ckpt (lowest val/loss), written at an evaluation that improves it
                 "checkpoint.filename": "best",
                 "checkpoint.monitor": "val/loss",
                 "checkpoint.mode": "min",
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,
                 "checkpoint.enable_version_counter": False,
-                # step-N.ckpt every 1000 steps, all kept, and last.ckpt refreshed with each
+                # step-N.ckpt every 1000 steps, all kept; last.ckpt with each, after every evaluation and at the end
                 "periodic_checkpoint.filename": "step-{step}",
                 "periodic_checkpoint.auto_insert_metric_name": False,
                 "periodic_checkpoint.every_n_train_steps": 1000,
@@ -368,14 +368,15 @@ class LitGPTCLI(LightningCLI):
 
 CHECKPOINT_GROUPS = {  # title and description of each group in fit --help
     "checkpoint": (
-        "best and last checkpoints",
-        "best.ckpt (lowest val/loss) and last.ckpt, written at every evaluation into the run's folder "
+        "best checkpoint",
+        "best.ckpt (lowest val/loss), written at each evaluation that improves on it, in the run's folder "
         "checkpoints/RUN/ (Lightning's ModelCheckpoint).",
     ),
     "periodic_checkpoint": (
-        "periodic checkpoints",
+        "periodic and last checkpoints",
         "step-N.ckpt every every_n_train_steps optimizer steps, all kept (save_top_k -1; 0 turns "
-        "them off), refreshing last.ckpt, in the same folder (Lightning's ModelCheckpoint).",
+        "them off), in the same folder; last.ckpt, the newest state, with each, after every evaluation and "
+        "at the end of fit (Lightning's ModelCheckpoint).",
     ),
 }
 # settings of the checkpoint's model that a resumed run may change: how the step is computed, not what
