@@ -2,10 +2,9 @@
 
 Muon (Keller Jordan, 2024; the update rule of ``torch.optim.Muon``): SGD momentum (Nesterov) whose update, for a
 weight matrix, is replaced by the nearest semi-orthogonal matrix (five Newton-Schulz iterations). PyTorch's own
-``torch.optim.Muon`` runs those iterations in bfloat16, which a CPU without AVX-512 BF16 emulates: measured on
-this project's 2-core AMD EPYC (4 × 64 model, batch 32 × 64), a step took 147 ms against 53 ms with AdamW. Here
-they run in float32 on a CPU (61 ms a step) and in bfloat16 elsewhere. Embeddings, the output head and the
-norms' gains stay on AdamW, as Muon's authors prescribe.
+``torch.optim.Muon`` runs those iterations in bfloat16, which a CPU without native bf16 emulates (slowly: see
+benchmarks/RESULTS.md), so here they run in float32 on a CPU and in bfloat16 elsewhere. Embeddings, the output head
+and the norms' gains stay on AdamW, as Muon's authors prescribe.
 """
 
 from __future__ import annotations
