@@ -133,7 +133,12 @@ def _stat(path: Path) -> os.stat_result:
 
 def single_file(path: Path, sha256: Optional[str] = None) -> Corpus:
     st = _stat(path)
-    if st.st_size == 0 and stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(st.st_mode):  # a pipe is read once (or waits for a writer forever), /dev/zero never ends
+        raise LitGPTCharError(
+            f"corpus file {path} is not a regular file (a pipe or a device can be read only once, or never ends); "
+            f"write it to a file first, e.g. cat a.txt b.txt > corpus.txt, and pass --data.path corpus.txt"
+        )
+    if st.st_size == 0:
         raise LitGPTCharError(f"corpus file {path} is empty; pass a UTF-8 text file with --data.path")
     return Corpus("file", path, [SourceFile(path, str(path), st.st_size, st.st_mtime_ns)], sha256=sha256)
 
