@@ -14,6 +14,10 @@ memory of a build is a few chunks whatever the corpus size.
 
 The ids are those of ``CharTokenizer.from_text`` on the whole text: ids index the sorted vocabulary.
 
+The fingerprint holds each file's path, size, modification time, status change time and inode: a
+same-size copy that keeps the modification time (``cp -p``, ``rsync -t``) still moves the status change
+time, which no one can set back (a ``chmod`` moves it too: one more build).
+
 Concurrency and crashes: a build holds an exclusive lock on the cache entry (other preparers wait,
 then find the cache built); it writes temporary files and renames them into place, metadata last, so
 a process killed while tokenizing leaves nothing a later run trusts. A cache whose id file does not
@@ -74,8 +78,12 @@ class SourceFile:
     path: Path
     name: str  # as shown in messages: the path, or the path relative to a corpus directory
     size: int
-    mtime_ns: int
+    version: tuple[int, int, int] = (0, 0, 0)  # modification time, status change time, inode (ns, ns, number)
     compressed: bool = False  # gzip (the packaged corpus)
+
+
+def _source(path: Path, name: str, st: os.stat_result) -> SourceFile:
+    return SourceFile(path, name, st.st_size, (st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
 
 
 @dataclass
@@ -89,7 +97,6 @@ class Corpus:
     glob: Optional[str] = None
     sha256: Optional[str] = None  # expected sha256 of the text (a single file or the packaged corpus)
     strict: bool = False  # directory: a file that is not UTF-8 text is an error instead of being skipped
-    listed: int = 0  # directory: regular files found before the glob filtered them
     _fingerprint: Optional[str] = field(default=None, repr=False)
 
     @property
@@ -111,12 +118,12 @@ class Corpus:
 
     @property
     def fingerprint(self) -> str:
-        """Changes when any file changes (size, modification time), is added or removed."""
+        """Changes when any file is added, removed or rewritten (see the module's docstring)."""
         if self._fingerprint is None:
             if self.kind == "package":  # verified against its sha256 when tokenized
                 listing: list = ["package", self.sha256]
             else:
-                files = [[f.name, f.size, f.mtime_ns] for f in self.files]
+                files = [[f.name, f.size, *f.version] for f in self.files]
                 listing = [FORMAT, self.kind, str(self.root.resolve()), self.glob, self.separator, self.sha256, files]
             self._fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
         return self._fingerprint
@@ -140,7 +147,7 @@ def single_file(path: Path, sha256: Optional[str] = None) -> Corpus:
         )
     if st.st_size == 0:
         raise LitGPTCharError(f"corpus file {path} is empty; pass a UTF-8 text file with --data.path")
-    return Corpus("file", path, [SourceFile(path, str(path), st.st_size, st.st_mtime_ns)], sha256=sha256)
+    return Corpus("file", path, [_source(path, str(path), st)], sha256=sha256)
 
 
 def packaged_tiny_shakespeare() -> Corpus:
@@ -150,8 +157,7 @@ def packaged_tiny_shakespeare() -> Corpus:
             f"the packaged Tiny Shakespeare ({path}) is missing: reinstall lit_gpt_char, "
             f"or pass --data.path FILE to train on a local text file"
         )
-    st = path.stat()
-    files = [SourceFile(path, path.name, st.st_size, st.st_mtime_ns, compressed=True)]
+    files = [SourceFile(path, path.name, path.stat().st_size, compressed=True)]
     return Corpus("package", path, files, sha256=TINY_SHAKESPEARE_SHA256)
 
 
@@ -223,7 +229,7 @@ def directory(
             listed += 1
             rel = (rel_dir / name).as_posix()
             if matches is None or matches(rel):
-                found.append((tuple(rel.split("/")), SourceFile(path, rel, st.st_size, st.st_mtime_ns)))
+                found.append((tuple(rel.split("/")), _source(path, rel, st)))
     if listed == 0:
         raise LitGPTCharError(
             f"corpus directory {root} has no files (names starting with '.' are skipped); "
@@ -235,7 +241,7 @@ def directory(
             f"a pattern without '/' matches file names at any depth, e.g. '*.txt'"
         )
     found.sort(key=lambda item: item[0])
-    return Corpus("directory", root, [f for _, f in found], separator, glob, strict=strict, listed=listed)
+    return Corpus("directory", root, [f for _, f in found], separator, glob, strict=strict)
 
 
 # ---- tokenizing ----

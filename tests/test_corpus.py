@@ -198,6 +198,30 @@ def test_changed_added_removed_files_invalidate_the_cache(tmp_path: Path, capsys
     assert load()[1] == "first file, changed\n\nTHIRD\n"
 
 
+def test_a_same_size_replacement_that_keeps_the_mtime_invalidates_the_cache(tmp_path: Path) -> None:
+    """`cp -p` (or `rsync -t`) of a same-size file with the same mtime, e.g. both unpacked from one archive;
+    then a rewrite in place whose mtime is set back: neither changes the path, size or mtime."""
+    path, other, cache = tmp_path / "corpus.txt", tmp_path / "other.txt", tmp_path / "cache"
+    path.write_text("first text\n" * 100)
+    other.write_text("other text\n" * 100)
+    st = path.stat()
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    def text() -> str:
+        store = open_store(single_file(path), cache, say=quiet)
+        return CharTokenizer(store.vocab).decode(store.ids)
+
+    assert text() == "first text\n" * 100
+    time.sleep(0.02)  # the kernel's clock for ctime ticks every few ms
+    subprocess.run(["cp", "-p", str(other), str(path)], check=True)
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert text() == "other text\n" * 100
+    time.sleep(0.02)
+    path.write_text("third text\n" * 100)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert text() == "third text\n" * 100
+
+
 def test_non_utf8_files_are_skipped_and_strict_makes_them_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
