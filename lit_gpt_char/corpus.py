@@ -604,9 +604,6 @@ class TokenStore:
         if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED)
 
-    def __repr__(self) -> str:
-        return f"TokenStore({self.directory}, {self.tokens:,} ids, {self.dtype}, vocabulary {len(self.vocab)})"
-
 
 @contextlib.contextmanager
 def _locked(entry: Path, say: Say) -> Iterator[list[Path]]:
