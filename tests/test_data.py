@@ -25,6 +25,12 @@ from lit_gpt_char.errors import LitGPTCharError
 from .conftest import TINY, files_under, make_text, run_subprocess
 
 
+@pytest.fixture(autouse=True)
+def _in_a_scratch_folder(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data module's default cache (./data/cache) lands there, not in the checkout pytest runs in."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def test_tokenizer_matches_the_lectures_encoding() -> None:
     text = make_text(5000) + "ü€—"
     tokenizer, ids = CharTokenizer.from_text(text)
