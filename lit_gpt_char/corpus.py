@@ -2,7 +2,7 @@
 
     a file, a folder of files, or the packaged Tiny Shakespeare
       ──fixed-size byte chunks, one pass──▶ provisional ids (ASCII byte = its own id; any other character
-                                            numbered from 128 in order of first appearance) ▶ ids.bin.tmp-…
+                                            numbered from 128 in order of first appearance) ▶ ids.bin.tmp
       ──renumber in place through a lookup table──▶ sorted-vocabulary ids (uint8 / uint16 / int32)
       ──rename──▶ <cache_dir>/<name>-<key>/ids.bin + meta.json  (vocabulary, dtype, count, fingerprint)
     a later run: fingerprint unchanged ─▶ np.memmap(ids.bin): no tokenizing, memory independent of size
@@ -14,27 +14,30 @@ memory of a build is a few chunks whatever the corpus size.
 
 The ids are those of ``CharTokenizer.from_text`` on the whole text: ids index the sorted vocabulary.
 
-Concurrency and crashes: a build holds an exclusive lock on the cache entry (other preparers wait,
-then find the cache built); it writes temporary files and renames them into place, metadata last, so
-a process killed while tokenizing leaves nothing a later run trusts. A cache whose id file does not
-have the size its metadata records is rebuilt, with a line saying so.
+The fingerprint holds each file's path, size, modification time, status change time and inode: a
+same-size copy that keeps the modification time (``cp -p``, ``rsync -t``) still moves the status change
+time, which no one can set back (a ``chmod`` moves it too: one more build).
+
+Concurrency and crashes: a build holds the cache entry's lock (``filelock``: flock, or a lock file where
+the filesystem has no flock); other preparers wait, then find the cache built. It writes temporary files
+and renames them into place, metadata last, so a process killed while tokenizing leaves nothing a later
+run trusts, and the next holder of the lock deletes what it left. A cache whose id file does not have
+the size its metadata records is rebuilt, with a line saying so.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import gzip
 import hashlib
 import json
 import mmap
 import os
 import re
-import secrets
-import socket
 import stat
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,19 +45,14 @@ from typing import BinaryIO, Optional
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
 from lit_gpt_char.errors import LitGPTCharError
-
-try:  # POSIX; elsewhere concurrent preparers rely on identical atomic renames alone
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
 
 FORMAT = 1  # bump when the cache layout or the ids change meaning: older caches are rebuilt
 CHUNK = 256 << 10  # bytes read (and ids written) at a time: small enough to stay in the CPU cache (2-3× faster
 # than 8 MiB here) and to keep the memory of a build small; small files are joined up to this size
-IDS, META, LOCK = "ids.bin", "meta.json", "lock"
-TMP_MARK = ".tmp-"
+IDS, META, LOCK, TMP = "ids.bin", "meta.json", "lock", ".tmp"
 
 PACKAGED_TINY_SHAKESPEARE = Path(__file__).resolve().parent / "corpora" / "tinyshakespeare.txt.gz"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -74,8 +72,12 @@ class SourceFile:
     path: Path
     name: str  # as shown in messages: the path, or the path relative to a corpus directory
     size: int
-    mtime_ns: int
+    version: tuple[int, int, int] = (0, 0, 0)  # modification time, status change time, inode (ns, ns, number)
     compressed: bool = False  # gzip (the packaged corpus)
+
+
+def _source(path: Path, name: str, st: os.stat_result) -> SourceFile:
+    return SourceFile(path, name, st.st_size, (st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
 
 
 @dataclass
@@ -89,7 +91,6 @@ class Corpus:
     glob: Optional[str] = None
     sha256: Optional[str] = None  # expected sha256 of the text (a single file or the packaged corpus)
     strict: bool = False  # directory: a file that is not UTF-8 text is an error instead of being skipped
-    listed: int = 0  # directory: regular files found before the glob filtered them
     _fingerprint: Optional[str] = field(default=None, repr=False)
 
     @property
@@ -111,12 +112,12 @@ class Corpus:
 
     @property
     def fingerprint(self) -> str:
-        """Changes when any file changes (size, modification time), is added or removed."""
+        """Changes when any file is added, removed or rewritten (see the module's docstring)."""
         if self._fingerprint is None:
             if self.kind == "package":  # verified against its sha256 when tokenized
                 listing: list = ["package", self.sha256]
             else:
-                files = [[f.name, f.size, f.mtime_ns] for f in self.files]
+                files = [[f.name, f.size, *f.version] for f in self.files]
                 listing = [FORMAT, self.kind, str(self.root.resolve()), self.glob, self.separator, self.sha256, files]
             self._fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
         return self._fingerprint
@@ -133,9 +134,14 @@ def _stat(path: Path) -> os.stat_result:
 
 def single_file(path: Path, sha256: Optional[str] = None) -> Corpus:
     st = _stat(path)
-    if st.st_size == 0 and stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(st.st_mode):  # a pipe is read once (or waits for a writer forever), /dev/zero never ends
+        raise LitGPTCharError(
+            f"corpus file {path} is not a regular file (a pipe or a device can be read only once, or never ends); "
+            f"write it to a file first, e.g. cat a.txt b.txt > corpus.txt, and pass --data.path corpus.txt"
+        )
+    if st.st_size == 0:
         raise LitGPTCharError(f"corpus file {path} is empty; pass a UTF-8 text file with --data.path")
-    return Corpus("file", path, [SourceFile(path, str(path), st.st_size, st.st_mtime_ns)], sha256=sha256)
+    return Corpus("file", path, [_source(path, str(path), st)], sha256=sha256)
 
 
 def packaged_tiny_shakespeare() -> Corpus:
@@ -145,8 +151,7 @@ def packaged_tiny_shakespeare() -> Corpus:
             f"the packaged Tiny Shakespeare ({path}) is missing: reinstall lit_gpt_char, "
             f"or pass --data.path FILE to train on a local text file"
         )
-    st = path.stat()
-    files = [SourceFile(path, path.name, st.st_size, st.st_mtime_ns, compressed=True)]
+    files = [SourceFile(path, path.name, path.stat().st_size, compressed=True)]
     return Corpus("package", path, files, sha256=TINY_SHAKESPEARE_SHA256)
 
 
@@ -218,7 +223,7 @@ def directory(
             listed += 1
             rel = (rel_dir / name).as_posix()
             if matches is None or matches(rel):
-                found.append((tuple(rel.split("/")), SourceFile(path, rel, st.st_size, st.st_mtime_ns)))
+                found.append((tuple(rel.split("/")), _source(path, rel, st)))
     if listed == 0:
         raise LitGPTCharError(
             f"corpus directory {root} has no files (names starting with '.' are skipped); "
@@ -230,7 +235,7 @@ def directory(
             f"a pattern without '/' matches file names at any depth, e.g. '*.txt'"
         )
     found.sort(key=lambda item: item[0])
-    return Corpus("directory", root, [f for _, f in found], separator, glob, strict=strict, listed=listed)
+    return Corpus("directory", root, [f for _, f in found], separator, glob, strict=strict)
 
 
 # ---- tokenizing ----
@@ -599,58 +604,38 @@ class TokenStore:
         if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED)
 
-    def __repr__(self) -> str:
-        return f"TokenStore({self.directory}, {self.tokens:,} ids, {self.dtype}, vocabulary {len(self.vocab)})"
-
 
 @contextlib.contextmanager
 def _locked(entry: Path, say: Say) -> Iterator[list[Path]]:
     """Hold the entry's lock (making the entry first); yields the folders made for it, deepest first.
 
-    A process that gives up on an entry it made (the corpus is unusable) removes the lock file and the
-    folders while it holds the lock; one that was waiting then finds its lock file gone and starts over.
+    A build that gives up (the corpus is unusable) removes the entry while it holds the lock; a process
+    waiting for it then finds the folder gone and starts over.
     """
     while True:
         created = make_dirs(entry)
-        fd = os.open(entry / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        lock = FileLock(entry / LOCK)
         try:
-            if fcntl is not None:
+            with warnings.catch_warnings():  # without flock, filelock falls back to a lock file: fine here
+                warnings.filterwarnings("ignore", "flock not supported", UserWarning)
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+                    lock.acquire(timeout=0)
+                except Timeout:
                     say(f"waiting for another process that is preparing the corpus cache {entry}")
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                current = os.stat(entry / LOCK).st_ino
-            except FileNotFoundError:
-                current = None
-            if current == os.fstat(fd).st_ino:
-                yield created
-                return
-        finally:
-            os.close(fd)  # releases the lock
-
-
-_HOST = re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname())[:32]
-
-
-def _temporary_name(final: str) -> str:
-    return f"{final}{TMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _remove_stale_temporaries(entry: Path) -> None:
-    """Temporary files of builds that died (killed while tokenizing): this host's, of processes now gone."""
-    for path in entry.glob(f"*{TMP_MARK}*"):
-        host, _, rest = path.name.split(TMP_MARK, 1)[1].partition("-")
-        pid = rest.split("-", 1)[0]
-        if host != _HOST or not pid.isdigit():
+                    lock.acquire()
+        except FileNotFoundError:
             continue
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # alive, another user's
+            yield created
+            return
+        finally:
+            lock.release()
+
+
+def _remove_temporaries(entry: Path) -> None:
+    """Those of builds that died (killed while tokenizing): only the holder of the lock writes any."""
+    for path in entry.glob(f"*{TMP}*"):
+        path.unlink(missing_ok=True)
 
 
 def _read_valid(entry: Path, corpus: Corpus) -> tuple[Optional[dict], Optional[str]]:
@@ -680,7 +665,7 @@ def _read_valid(entry: Path, corpus: Corpus) -> tuple[Optional[dict], Optional[s
 
 def _commit(entry: Path, ids_tmp: Path, meta: dict) -> None:
     """Metadata out, ids in, metadata in: at every instant, either no metadata or a matching pair."""
-    meta_tmp = entry / _temporary_name(META)
+    meta_tmp = entry / (META + TMP)
     with open(meta_tmp, "w", encoding="utf-8") as out:
         json.dump(meta, out, ensure_ascii=True, indent=1)
         out.flush()
@@ -692,7 +677,7 @@ def _commit(entry: Path, ids_tmp: Path, meta: dict) -> None:
 
 
 def _build(corpus: Corpus, entry: Path, rebuilding: Optional[str], say: Say) -> dict:
-    ids_tmp = entry / _temporary_name(IDS)
+    ids_tmp = entry / (IDS + TMP)
     total = sum(f.size for f in corpus.files)
     progress = _Progress(corpus.label, total, say)
     writer = _IdWriter(ids_tmp)
@@ -723,8 +708,7 @@ def _build(corpus: Corpus, entry: Path, rebuilding: Optional[str], say: Say) -> 
         _commit(entry, ids_tmp, meta)
     finally:
         writer.close()
-        for leftover in (ids_tmp, ids_tmp.with_name(ids_tmp.name + "w"), ids_tmp.with_name(ids_tmp.name + "n")):
-            leftover.unlink(missing_ok=True)
+        _remove_temporaries(entry)
     mb = build.bytes_in / 1e6
     files = f"{build.kept:,} file{'s' * (build.kept != 1)}, " if corpus.kind == "directory" else ""
     why = " again (the corpus changed since it was cached)" if rebuilding == "changed" else ""
@@ -759,7 +743,7 @@ def open_store(corpus: Corpus, cache_dir: Path, say: Say = _say) -> TokenStore:
     try:
         with _locked(entry, say) as created:
             try:
-                _remove_stale_temporaries(entry)
+                _remove_temporaries(entry)
                 meta, damaged = _read_valid(entry, corpus)
                 if meta is None:
                     if damaged:
@@ -774,9 +758,8 @@ def open_store(corpus: Corpus, cache_dir: Path, say: Say = _say) -> TokenStore:
                         for d in created:
                             d.rmdir()
                 raise
-    except OSError as err:
-        if isinstance(err, PermissionError) or err.errno == errno.EROFS:
-            raise LitGPTCharError(
-                f"cannot write the corpus cache {entry}: {err.strerror}; pass --data.cache_dir DIR (a writable folder)"
-            ) from None
-        raise
+    except OSError as err:  # not writable, full, or without file locks (NFS without its lock service)
+        raise LitGPTCharError(
+            f"cannot use the corpus cache {entry}: {err.strerror or err}; "
+            f"pass --data.cache_dir DIR (a writable folder with room, on a local disk)"
+        ) from None

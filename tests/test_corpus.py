@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import random
@@ -198,6 +200,30 @@ def test_changed_added_removed_files_invalidate_the_cache(tmp_path: Path, capsys
     assert load()[1] == "first file, changed\n\nTHIRD\n"
 
 
+def test_a_same_size_replacement_that_keeps_the_mtime_invalidates_the_cache(tmp_path: Path) -> None:
+    """`cp -p` (or `rsync -t`) of a same-size file with the same mtime, e.g. both unpacked from one archive;
+    then a rewrite in place whose mtime is set back: neither changes the path, size or mtime."""
+    path, other, cache = tmp_path / "corpus.txt", tmp_path / "other.txt", tmp_path / "cache"
+    path.write_text("first text\n" * 100)
+    other.write_text("other text\n" * 100)
+    st = path.stat()
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    def text() -> str:
+        store = open_store(single_file(path), cache, say=quiet)
+        return CharTokenizer(store.vocab).decode(store.ids)
+
+    assert text() == "first text\n" * 100
+    time.sleep(0.02)  # the kernel's clock for ctime ticks every few ms
+    subprocess.run(["cp", "-p", str(other), str(path)], check=True)
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert text() == "other text\n" * 100
+    time.sleep(0.02)
+    path.write_text("third text\n" * 100)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert text() == "third text\n" * 100
+
+
 def test_non_utf8_files_are_skipped_and_strict_makes_them_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -302,17 +328,17 @@ SLOW_BUILD = textwrap.dedent(
 )
 
 
-def _slow_build(path: Path, cache: Path) -> subprocess.Popen:
+def _slow_build(path: Path, cache: Path, prefix: tuple[str, ...] = (), pythonpath: str = str(ROOT)) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", SLOW_BUILD, str(path), str(cache)],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [*prefix, sys.executable, "-c", SLOW_BUILD, str(path), str(cache)],
+        env={**os.environ, "PYTHONPATH": pythonpath}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
 
 def _wait_for_temporary_ids(cache: Path, proc: subprocess.Popen) -> Path:
     deadline = time.monotonic() + 60
     while True:
-        found = [p for p in cache.glob(f"*/{IDS}.tmp-*") if p.stat().st_size > 20_000]
+        found = [p for p in cache.glob(f"*/{IDS}.tmp*") if p.stat().st_size > 20_000]
         if found:
             return found[0]
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -345,6 +371,67 @@ def test_sigkill_while_tokenizing_leaves_nothing_trusted(tmp_path: Path, capsys:
     assert torch.equal(store.ids, reference(text2 + "!")[1])
     assert "again (the corpus changed since it was cached)" in capsys.readouterr().out
     assert sorted(p.name for p in store.directory.iterdir()) == [IDS, "lock", META]
+
+
+# a cluster node's name (we run as root: a UTS namespace of our own); exec keeps the pid, so a kill reaches Python
+ON_NODE_GPU_NODE_01 = ("unshare", "-u", "sh", "-c", 'hostname gpu-node-01 && exec "$0" "$@"')
+
+
+def test_a_build_killed_on_a_cluster_node_is_cleaned_by_the_next_run(tmp_path: Path) -> None:
+    if subprocess.run([*ON_NODE_GPU_NODE_01, "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -u (root)")
+    path, cache = tmp_path / "c.txt", tmp_path / "cache"
+    path.write_text(make_text(300_000))
+    proc = _slow_build(path, cache, ON_NODE_GPU_NODE_01)
+    tmp = _wait_for_temporary_ids(cache, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    again = _slow_build(path, cache, ON_NODE_GPU_NODE_01)  # the next run, on the same node
+    assert again.communicate(timeout=120) and again.returncode == 0, again.stderr
+    assert not tmp.exists() and sorted(p.name for p in tmp.parent.iterdir()) == [IDS, "lock", META]
+
+
+NO_FLOCK = textwrap.dedent(
+    """
+    import errno, fcntl
+
+    def flock(fd, operation):  # as on a filesystem mounted without flock (Lustre's noflock, some FUSE mounts)
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    fcntl.flock = flock
+    """
+)
+
+
+def test_a_filesystem_without_flock_still_tokenizes_once(tmp_path: Path) -> None:
+    """flock fails with ENOSYS everywhere (a sitecustomize, as the filesystem would): a build killed there does
+    not block the next ones, and two preparers at once tokenize once."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(NO_FLOCK)
+    pythonpath = f"{tmp_path / 'site'}{os.pathsep}{ROOT}"
+    path, cache = tmp_path / "c.txt", tmp_path / "cache"
+    text = make_text(300_000)
+    path.write_text(text)
+    proc = _slow_build(path, cache, pythonpath=pythonpath)
+    tmp = _wait_for_temporary_ids(cache, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    procs = [_slow_build(path, cache, pythonpath=pythonpath) for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and all(err == "" for _, err in results), results
+    assert sum(out.count("tokenized") for out, _ in results) == 1 and not tmp.exists()
+    assert torch.equal(open_store(single_file(path), cache, say=quiet).ids, reference(text)[1])
+
+
+def test_a_cache_that_cannot_be_locked_is_one_line(corpus: Path, tmp_path: Path, monkeypatch) -> None:
+    """NFS without its lock service: flock fails with ENOLCK (here in this process, as that filesystem would)."""
+
+    def flock(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with pytest.raises(LitGPTCharError, match=r"^cannot use the corpus cache .*: No locks available; pass"):
+        open_store(single_file(corpus), tmp_path / "cache", say=quiet)
 
 
 def test_two_preparers_at_once_tokenize_once_and_both_get_the_cache(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
+import resource
 import socket
 import threading
 from pathlib import Path
@@ -20,7 +22,13 @@ from lit_gpt_char.data import (
 )
 from lit_gpt_char.errors import LitGPTCharError
 
-from .conftest import make_text
+from .conftest import TINY, files_under, make_text, run_subprocess
+
+
+@pytest.fixture(autouse=True)
+def _in_a_scratch_folder(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data module's default cache (./data/cache) lands there, not in the checkout pytest runs in."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 def test_tokenizer_matches_the_lectures_encoding() -> None:
@@ -198,6 +206,28 @@ def test_corpus_path_that_is_an_empty_directory_or_missing(tmp_path: Path) -> No
         ShakespeareDataModule(path=str(tmp_path)).prepare_data()
     with pytest.raises(LitGPTCharError, match="does not exist"):
         ShakespeareDataModule(path=str(tmp_path / "nope.txt")).prepare_data()
+
+
+@pytest.mark.parametrize("source", ["fifo", "/dev/zero"])
+def test_a_corpus_path_that_is_not_a_regular_file_is_refused(source: str, tmp_path: Path) -> None:
+    """A named pipe (as `--data.path <(cat a.txt b.txt)` passes) or a device: read until killed, if at all."""
+    work = tmp_path / "work"
+    work.mkdir()
+    path = Path(source)
+    if source == "fifo":
+        path = tmp_path / "corpus.fifo"
+        os.mkfifo(path)
+
+    def at_most_4_gb() -> None:  # reading /dev/zero to its end would take all the memory there is
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    result = run_subprocess(["fit", *TINY, "--data.path", str(path)], work, timeout=60, preexec_fn=at_most_4_gb)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: corpus file {path} is not a regular file (a pipe or a device can be read only once, or never "
+        f"ends); write it to a file first, e.g. cat a.txt b.txt > corpus.txt, and pass --data.path corpus.txt"
+    ]
+    assert files_under(work) == []  # no cache, logs or checkpoints
 
 
 @pytest.mark.parametrize(
