@@ -43,7 +43,7 @@ class SampleTextCallback(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 500,
+        every_n_steps: int = 1000,
         prompt: str = "\n",
         max_new_tokens: int = 200,
         final_max_new_tokens: int = 2000,

@@ -496,7 +496,11 @@ class QuietProfiler(PassThroughProfiler):
 
 _NULL_CONTEXT = contextlib.nullcontext()
 
-TRAINER_DEFAULTS = {
+TRAINER_DEFAULTS = {  # with the DataModule's and SampleTextCallback's own defaults: configs/small.yaml
+    "max_steps": 5000,  # Lightning's default trains 1000 nominal epochs: ~2 million steps
+    "num_sanity_val_steps": 0,
+    "devices": 1,
+    "enable_model_summary": True,
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},

@@ -296,7 +296,7 @@ class ShakespeareDataModule(LightningDataModule):
         batch_size: int = 16,
         train_fraction: float = 0.9,
         val_windows: Optional[int] = 3200,
-        val_batch_size: int = 512,
+        val_batch_size: int = 200,
         seed: int = 1337,
         on_device: bool = False,
     ) -> None:

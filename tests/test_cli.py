@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lit_gpt_char.callbacks import SampleTextCallback
 from lit_gpt_char.checkpoint import load_checkpoint
+from lit_gpt_char.cli import _flatten
 from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT
@@ -127,6 +128,15 @@ def test_small_config_is_the_lectures(capsys: pytest.CaptureFixture) -> None:
     shape = c["model"]["config"]
     assert (shape["n_embd"], shape["n_head"], shape["n_layer"], shape["dropout"]) == (64, 4, 4, 0.0)
     assert (c["model"]["learning_rate"], c["model"]["lr_schedule"], c["seed_everything"]) == (1e-3, "constant", 1337)
+
+
+def test_fit_without_a_config_is_the_lectures_recipe(capsys: pytest.CaptureFixture) -> None:
+    """`fit` alone runs configs/small.yaml, which ends (Lightning's own defaults train for ~2 million steps)."""
+    assert run_main(["fit", "--print_config"]) == 0
+    bare = _flatten(yaml.safe_load(capsys.readouterr().out))
+    small = _flatten(yaml.safe_load(Path(SMALL).read_text()))
+    del small["trainer.precision"]  # left to the device when no config names one (issue 21, item 7)
+    assert {key: bare[key] for key in small} == small
 
 
 def test_fit_help_documents_every_option(capsys: pytest.CaptureFixture) -> None:
