@@ -91,6 +91,7 @@ class LitGPTCLI(LightningCLI):
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
+        parser.usage = "%(prog)s [-h] [-c CONFIG] {fit,validate,test,sample} ..."  # main() runs sample itself
         # Lightning's help is the first line of Trainer.fit's docstring, cut mid-sentence, and generic text
         # about ckpt_path ("registry", "hpc"): say what these do here
         for choice in parser._subcommands_action._choices_actions:
