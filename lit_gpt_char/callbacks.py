@@ -231,6 +231,7 @@ class Checkpoint(ModelCheckpoint):
     """
 
     _after_evaluation: Optional[tuple] = None  # a step's save waiting for the evaluation at that step
+    evaluated_step: Optional[int] = None  # the step of the latest evaluation of fit (trainer.callback_metrics')
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -254,6 +255,8 @@ class Checkpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self.evaluated_step = trainer.global_step
         if trainer.state.fn == TrainerFn.FITTING and self._after_evaluation is not None:
             args, self._after_evaluation = self._after_evaluation, None
             super().on_train_batch_end(trainer, pl_module, *args)

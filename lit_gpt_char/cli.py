@@ -20,6 +20,7 @@ import time
 import warnings
 from argparse import Action
 from dataclasses import fields, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -300,6 +301,27 @@ class LitGPTCLI(LightningCLI):
             self._warn_if_sized_for_a_gpu()
         if self._run is not None:
             os.environ[RUN_ENV] = self._run.name
+
+    def before_fit(self) -> None:
+        self._fit_start = time.monotonic()
+
+    def after_fit(self) -> None:
+        """The run's result in one line (rank 0). A run stopped by a signal or a divergence raises before this."""
+        trainer = self.trainer
+        if not trainer.is_global_zero or self._run is None:
+            return
+        start, step = self._resume_step(), trainer.global_step
+        steps = f"steps {start} to {step}" if start else f"{step} steps"
+        line = f"run {self._run.name} done: {steps} in {timedelta(seconds=round(time.monotonic() - self._fit_start))}"
+        ckpt = next((c for c in trainer.callbacks if isinstance(c, Checkpoint) and c.monitor == "val/loss"), None)
+        val = trainer.callback_metrics.get("val/loss")
+        if ckpt is not None and ckpt.evaluated_step is not None and val is not None:
+            line += f"; val/loss {float(val):.4f} at step {ckpt.evaluated_step}"
+        if ckpt is not None and ckpt.best_model_path:
+            best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+            line += f" (best {float(ckpt.best_model_score):.4f} at step {best}); {_short(ckpt.best_model_path)}"
+        last = self._run.checkpoint_dir / "last.ckpt"
+        print(line + (f", {_short(last)}" if last.is_file() else ""), flush=True)
 
     def _check_optimization(self) -> None:
         """Settings that LitGPT or Lightning would reject only once training has started."""

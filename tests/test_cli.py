@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -65,6 +66,16 @@ def test_fit_writes_checkpoints_metrics_and_samples(trained: tuple[Path, str], c
     assert [step for step, _ in texts["samples/text_summary"]] == [10, 20]
     assert (workdir / "lightning_logs" / "version_0" / "config.yaml").is_file()
 
+    # the last line is the result: the final and the best val/loss as logged, the steps, the checkpoints
+    best_step, best = min(scalars["val/loss"], key=lambda point: point[1])
+    assert re.fullmatch(
+        rf"run version_0 done: 20 steps in 0:00:\d\d; val/loss {scalars['val/loss'][-1][1]:.4f} at step 20 \(best "
+        rf"{best:.4f} at step {best_step}\); checkpoints/version_0/best.ckpt, checkpoints/version_0/last.ckpt",
+        out.splitlines()[-1],
+    )
+    best_ckpt = torch.load(workdir / "checkpoints" / "version_0" / "best.ckpt", weights_only=True)
+    assert best_ckpt["global_step"] == best_step
+
 
 def test_checkpoint_is_self_contained(trained: tuple[Path, str], corpus: Path) -> None:
     workdir, _ = trained
@@ -82,10 +93,13 @@ def test_checkpoint_is_self_contained(trained: tuple[Path, str], corpus: Path) -
 
 
 @pytest.mark.parametrize("ckpt_path", ["last", "checkpoints/version_0/last.ckpt"])
-def test_resume_continues_from_the_checkpoint(trained: tuple[Path, str], corpus: Path, ckpt_path: str) -> None:
+def test_resume_continues_from_the_checkpoint(
+    trained: tuple[Path, str], corpus: Path, ckpt_path: str, capsys: pytest.CaptureFixture
+) -> None:
     workdir, _ = trained
     args = ["fit", *TINY, "--data.path", str(corpus), "--trainer.max_steps", "30", "--ckpt_path", ckpt_path]
     assert run_main(args) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("run version_0 done: steps 20 to 30 in ")
     assert torch.load(workdir / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == 30
     scalars, _ = read_events(workdir / "lightning_logs")
     assert [step for step, _ in scalars["val/loss"]] == [10, 20, 30]
