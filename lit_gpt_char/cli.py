@@ -200,7 +200,6 @@ class LitGPTCLI(LightningCLI):
 
     def _apply_checkpoint(self, config: Namespace, hparams: dict, path: Path) -> None:
         """The checkpoint decides the model: an option given on the command line that differs from it is an error."""
-        given = {token[2:].split("=", 1)[0] for token in self._argv if token.startswith("--")}
         ckpt_values = {f"model.{key}": value for key, value in _flatten(hparams).items() if key != "vocab"}
         ckpt_values["data.block_size"] = ckpt_values.pop("model.config.block_size")
         del ckpt_values["model.config.vocab_size"]  # the corpus decides it; its vocabulary is checked on its own
@@ -208,13 +207,26 @@ class LitGPTCLI(LightningCLI):
             if key.rsplit(".", 1)[-1] in MAY_CHANGE_ON_RESUME or key not in config:
                 continue
             ours = config[key]
-            if _plain(ours) != _plain(theirs) and any(key == g or key.startswith(g + ".") for g in given):
+            if _plain(ours) != _plain(theirs) and self._given(key):
                 raise LitGPTCharError(
                     f"--{key} {_plain(ours)} conflicts with checkpoint {path}, trained with {_plain(theirs)}: when "
                     f"resuming, the checkpoint decides the model; pass --{key} {_plain(theirs)} or drop it, or start "
                     f"a new run without --ckpt_path"
                 )
         config.data.block_size = ckpt_values["data.block_size"]
+
+    def _given(self, key: str) -> bool:
+        """Whether option ``key``, or a group holding it, is on the command line (a config file's does not count)."""
+        given = (token[2:].split("=", 1)[0] for token in self._argv if token.startswith("--"))
+        return any(key == g or key.startswith(g + ".") for g in given)
+
+    def _score_as_trained(self, data: Namespace) -> None:
+        """An evaluation scores the run's own validation set: its corpus and windows, saved in the checkpoint,
+        unless given on the command line (not those of the --config given, e.g. small.yaml's 3,200 windows)."""
+        saved = self._ckpt.get(ShakespeareDataModule.CHECKPOINT_HYPER_PARAMS_KEY, {}) if self._ckpt else {}
+        for key, value in saved.items():
+            if key not in ("cache_dir", "on_device") and key in data and not self._given(f"data.{key}"):
+                data[key] = value  # cache_dir and on_device: where this machine keeps and reads the corpus
 
     def instantiate_classes(self) -> None:
         try:
@@ -233,6 +245,7 @@ class LitGPTCLI(LightningCLI):
         logger = config.trainer.logger
         tensorboard = isinstance(logger, Namespace) and logger.class_path.endswith("TensorBoardLogger")
         if self.subcommand != "fit":
+            self._score_as_trained(config.data)
             # an evaluation prints its table; it is no run of its own and writes no logs or config
             config.trainer.logger = False
             self.save_config_callback = None
@@ -345,7 +358,7 @@ class LitGPTCLI(LightningCLI):
             return None
         config = self.config[self.subcommand]
         if self._run is None:
-            return f"{self.subcommand} {config.ckpt_path} (step {self._resume_step()})"
+            return f"{self.subcommand} {config.ckpt_path} (step {self._resume_step()}) on {self.datamodule.scored()}"
         run = self._run
         logger = self.trainer.logger
         logs = f"logs in {_short(logger.log_dir)}{os.sep}" if isinstance(logger, TensorBoardLogger) else "no logs"
