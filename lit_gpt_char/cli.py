@@ -336,7 +336,7 @@ class LitGPTCLI(LightningCLI):
         val = trainer.callback_metrics.get("val/loss")
         if ckpt is not None and ckpt.evaluated_step is not None and val is not None:
             line += f"; val/loss {float(val):.4f} at step {ckpt.evaluated_step}"
-        if ckpt is not None and ckpt.best_model_path:
+        if ckpt is not None and ckpt.best_model_score is not None:  # None: this run has not evaluated yet
             best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
             line += f" (best {float(ckpt.best_model_score):.4f} at step {best}); {_short(ckpt.best_model_path)}"
         last = self._run.checkpoint_dir / "last.ckpt"
