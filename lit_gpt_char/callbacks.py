@@ -231,7 +231,7 @@ class Checkpoint(ModelCheckpoint):
     """
 
     _after_evaluation: Optional[tuple] = None  # a step's save waiting for the evaluation at that step
-    evaluated_step: Optional[int] = None  # the step of the latest evaluation of fit (trainer.callback_metrics')
+    evaluated_step: Optional[int] = None  # of fit's latest evaluation: its val/loss is in trainer.callback_metrics
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

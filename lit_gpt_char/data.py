@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 
 from lit_gpt_char.corpus import (
+    PACKAGED_TINY_SHAKESPEARE,
     TINY_SHAKESPEARE_SHA256,
     Corpus,
     TokenStore,
@@ -433,11 +434,11 @@ class ShakespeareDataModule(LightningDataModule):
         """What an evaluation scores, in words."""
         self._load()
         _, val = self._split_ids()
+        corpus = "the packaged Tiny Shakespeare" if self.path == PACKAGED_TINY_SHAKESPEARE else self.path
         if self.val_windows is None:
             n = -(-(len(val) - 1) // self.block_size)
-            return f"the whole validation split of {self.path} ({n:,} windows of {self.block_size} characters)"
-        windows = f"{self.val_windows:,} fixed windows of {self.block_size} characters"
-        return f"{windows} of the validation split of {self.path}"
+            return f"the whole validation split of {corpus} ({n:,} windows of {self.block_size} characters)"
+        return f"{self.val_windows:,} fixed windows of {self.block_size} characters of the validation split of {corpus}"
 
     def setup(self, stage: str) -> None:
         self._load()  # maps the cache on every rank
