@@ -44,7 +44,7 @@ class SampleTextCallback(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 500,
+        every_n_steps: int = 1000,
         prompt: str = "\n",
         max_new_tokens: int = 200,
         final_max_new_tokens: int = 2000,
@@ -251,6 +251,7 @@ class Checkpoint(ModelCheckpoint):
     """
 
     _after_evaluation: Optional[tuple] = None  # a step's save waiting for the evaluation at that step
+    evaluated_step: Optional[int] = None  # of fit's latest evaluation: its val/loss is in trainer.callback_metrics
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -296,6 +297,7 @@ class Checkpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return
+        self.evaluated_step = trainer.global_step
         if self._after_evaluation is not None:
             args, self._after_evaluation = self._after_evaluation, None
             super().on_train_batch_end(trainer, pl_module, *args)

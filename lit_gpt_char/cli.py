@@ -20,6 +20,7 @@ import time
 import warnings
 from argparse import Action
 from dataclasses import fields, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,6 +28,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import PassThroughProfiler
@@ -39,7 +41,7 @@ from lit_gpt_char.distributed import agent_store, publish_run_name, published_ru
 from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT
-from lit_gpt_char.monitor import LossChart, Throughput
+from lit_gpt_char.monitor import LossChart, ProgressBar, Throughput
 from lit_gpt_char.parser import CLIParser
 from lit_gpt_char.precision import allow_clipping_with_fused_optimizers
 from lit_gpt_char.runs import CHECKPOINTS, RUN_ENV, Run, claim, plan_run
@@ -91,6 +93,7 @@ class LitGPTCLI(LightningCLI):
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
+        parser.usage = "%(prog)s [-h] [-c CONFIG] {fit,validate,test,sample} ..."  # main() runs sample itself
         # Lightning's help is the first line of Trainer.fit's docstring, cut mid-sentence, and generic text
         # about ckpt_path ("registry", "hpc"): say what these do here
         for choice in parser._subcommands_action._choices_actions:
@@ -198,7 +201,6 @@ class LitGPTCLI(LightningCLI):
 
     def _apply_checkpoint(self, config: Namespace, hparams: dict, path: Path) -> None:
         """The checkpoint decides the model: an option given on the command line that differs from it is an error."""
-        given = {token[2:].split("=", 1)[0] for token in self._argv if token.startswith("--")}
         ckpt_values = {f"model.{key}": value for key, value in _flatten(hparams).items() if key != "vocab"}
         ckpt_values["data.block_size"] = ckpt_values.pop("model.config.block_size")
         del ckpt_values["model.config.vocab_size"]  # the corpus decides it; its vocabulary is checked on its own
@@ -206,13 +208,26 @@ class LitGPTCLI(LightningCLI):
             if key.rsplit(".", 1)[-1] in MAY_CHANGE_ON_RESUME or key not in config:
                 continue
             ours = config[key]
-            if _plain(ours) != _plain(theirs) and any(key == g or key.startswith(g + ".") for g in given):
+            if _plain(ours) != _plain(theirs) and self._given(key):
                 raise LitGPTCharError(
                     f"--{key} {_plain(ours)} conflicts with checkpoint {path}, trained with {_plain(theirs)}: when "
                     f"resuming, the checkpoint decides the model; pass --{key} {_plain(theirs)} or drop it, or start "
                     f"a new run without --ckpt_path"
                 )
         config.data.block_size = ckpt_values["data.block_size"]
+
+    def _given(self, key: str) -> bool:
+        """Whether option ``key``, or a group holding it, is on the command line (a config file's does not count)."""
+        given = (token[2:].split("=", 1)[0] for token in self._argv if token.startswith("--"))
+        return any(key == g or key.startswith(g + ".") for g in given)
+
+    def _score_as_trained(self, data: Namespace) -> None:
+        """An evaluation scores the run's own validation set: its corpus and windows, saved in the checkpoint,
+        unless given on the command line (not those of the --config given, e.g. small.yaml's 3,200 windows)."""
+        saved = self._ckpt.get(ShakespeareDataModule.CHECKPOINT_HYPER_PARAMS_KEY, {}) if self._ckpt else {}
+        for key, value in saved.items():
+            if key not in ("cache_dir", "on_device") and key in data and not self._given(f"data.{key}"):
+                data[key] = value  # cache_dir and on_device: where this machine keeps and reads the corpus
 
     def instantiate_classes(self) -> None:
         try:
@@ -231,6 +246,7 @@ class LitGPTCLI(LightningCLI):
         logger = config.trainer.logger
         tensorboard = isinstance(logger, Namespace) and logger.class_path.endswith("TensorBoardLogger")
         if self.subcommand != "fit":
+            self._score_as_trained(config.data)
             # an evaluation prints its table; it is no run of its own and writes no logs or config
             config.trainer.logger = False
             self.save_config_callback = None
@@ -275,6 +291,11 @@ class LitGPTCLI(LightningCLI):
         super().after_instantiate_classes()
         strategy = self.trainer.strategy
         strategy.precision_plugin = allow_clipping_with_fused_optimizers(strategy.precision_plugin)
+        bar = self.trainer.progress_bar_callback
+        if type(bar) is TQDMProgressBar:  # Lightning's default bar, or one configured: the one that reads on resume
+            self.trainer.callbacks[self.trainer.callbacks.index(bar)] = ProgressBar(
+                bar.refresh_rate, bar.process_position
+            )
         # checks that need the built objects, made before the Trainer writes anything
         cores = os.cpu_count() or 1
         if isinstance(self.trainer.accelerator, CPUAccelerator) and self.trainer.num_devices > cores:
@@ -300,6 +321,27 @@ class LitGPTCLI(LightningCLI):
         if self._run is not None:
             os.environ[RUN_ENV] = self._run.name
 
+    def before_fit(self) -> None:
+        self._fit_start = time.monotonic()
+
+    def after_fit(self) -> None:
+        """The run's result in one line (rank 0). A run stopped by a signal or a divergence raises before this."""
+        trainer = self.trainer
+        if not trainer.is_global_zero or self._run is None:
+            return
+        start, step = self._resume_step(), trainer.global_step
+        steps = f"steps {start} to {step}" if start else f"{step} steps"
+        line = f"run {self._run.name} done: {steps} in {timedelta(seconds=round(time.monotonic() - self._fit_start))}"
+        ckpt = next((c for c in trainer.callbacks if isinstance(c, Checkpoint) and c.monitor == "val/loss"), None)
+        val = trainer.callback_metrics.get("val/loss")
+        if ckpt is not None and ckpt.evaluated_step is not None and val is not None:
+            line += f"; val/loss {float(val):.4f} at step {ckpt.evaluated_step}"
+        if ckpt is not None and ckpt.best_model_score is not None:  # None: this run has not evaluated yet
+            best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+            line += f" (best {float(ckpt.best_model_score):.4f} at step {best}); {_short(ckpt.best_model_path)}"
+        last = self._run.checkpoint_dir / "last.ckpt"
+        print(line + (f", {_short(last)}" if last.is_file() else ""), flush=True)
+
     def _check_optimization(self) -> None:
         """Settings that LitGPT or Lightning would reject only once training has started."""
         hp, trainer = self.model.hparams, self.trainer
@@ -322,7 +364,7 @@ class LitGPTCLI(LightningCLI):
             return None
         config = self.config[self.subcommand]
         if self._run is None:
-            return f"{self.subcommand} {config.ckpt_path} (step {self._resume_step()})"
+            return f"{self.subcommand} {config.ckpt_path} (step {self._resume_step()}) on {self.datamodule.scored()}"
         run = self._run
         logger = self.trainer.logger
         logs = f"logs in {_short(logger.log_dir)}{os.sep}" if isinstance(logger, TensorBoardLogger) else "no logs"
@@ -497,7 +539,11 @@ class QuietProfiler(PassThroughProfiler):
 
 _NULL_CONTEXT = contextlib.nullcontext()
 
-TRAINER_DEFAULTS = {
+TRAINER_DEFAULTS = {  # with the DataModule's and SampleTextCallback's own defaults: configs/small.yaml
+    "max_steps": 5000,  # Lightning's default trains 1000 nominal epochs: ~2 million steps
+    "num_sanity_val_steps": 0,
+    "devices": 1,
+    "enable_model_summary": True,
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},

@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 
 from lit_gpt_char.corpus import (
+    PACKAGED_TINY_SHAKESPEARE,
     TINY_SHAKESPEARE_SHA256,
     Corpus,
     TokenStore,
@@ -296,7 +297,7 @@ class ShakespeareDataModule(LightningDataModule):
         batch_size: int = 16,
         train_fraction: float = 0.9,
         val_windows: Optional[int] = 3200,
-        val_batch_size: int = 512,
+        val_batch_size: int = 200,
         seed: int = 1337,
         on_device: bool = False,
     ) -> None:
@@ -311,6 +312,7 @@ class ShakespeareDataModule(LightningDataModule):
             raise LitGPTCharError(f"--data.val_windows must be >= 1 (or null: the whole split), got {val_windows}")
         if not 0.0 < train_fraction < 1.0:
             raise LitGPTCharError(f"--data.train_fraction must be strictly between 0 and 1, got {train_fraction}")
+        self.save_hyperparameters()  # into checkpoints: an evaluation scores the run's own validation windows
         self.given_path = path
         self.path = Path(path) if path is not None else Path(data_dir) / "input.txt"  # shown in messages
         self._default_file = Path(data_dir) / "input.txt"
@@ -427,6 +429,16 @@ class ShakespeareDataModule(LightningDataModule):
                     f"--data.train_fraction"
                 )
         return train, val
+
+    def scored(self) -> str:
+        """What an evaluation scores, in words."""
+        self._load()
+        _, val = self._split_ids()
+        corpus = "the packaged Tiny Shakespeare" if self.path == PACKAGED_TINY_SHAKESPEARE else self.path
+        if self.val_windows is None:
+            n = -(-(len(val) - 1) // self.block_size)
+            return f"the whole validation split of {corpus} ({n:,} windows of {self.block_size} characters)"
+        return f"{self.val_windows:,} fixed windows of {self.block_size} characters of the validation split of {corpus}"
 
     def setup(self, stage: str) -> None:
         self._load()  # maps the cache on every rank

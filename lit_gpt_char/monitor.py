@@ -1,4 +1,5 @@
-"""What a person watching a run looks at: throughput (tokens/s, MFU) and train vs val loss in one chart."""
+"""What a person watching a run looks at: throughput (tokens/s, MFU), train vs val loss in one chart, and a progress
+bar that reads right after a resume."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any, Optional
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
@@ -91,3 +94,17 @@ class LossChart(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_custom_scalars(self.LAYOUT)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar, also right after a resume. Lightning 2.6 counts it from the batch the run resumed at in its
+    nominal epoch, but sizes it to the steps left, and resuming mid-epoch skips the hook that sizes it (Lightning
+    #20603): it read ``310/?`` at a rate that counted the batches before the resume as done at once."""
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        if batch_idx and bar is not None and not bar.disable and bar.n == 0:  # the first batch after a resume
+            left = self.total_train_batches  # min(epoch length, steps left), as if the epoch started here
+            bar.reset(total=convert_inf(min(trainer.num_training_batches, batch_idx + left)))
+            bar.n = bar.initial = bar.last_print_n = batch_idx
+            bar.set_description(f"Epoch {trainer.current_epoch}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -16,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lit_gpt_char.callbacks import SampleTextCallback
 from lit_gpt_char.checkpoint import load_checkpoint
+from lit_gpt_char.cli import _flatten
 from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT
@@ -64,6 +66,16 @@ def test_fit_writes_checkpoints_metrics_and_samples(trained: tuple[Path, str], c
     assert [step for step, _ in texts["samples/text_summary"]] == [10, 20]
     assert (workdir / "lightning_logs" / "version_0" / "config.yaml").is_file()
 
+    # the last line is the result: the final and the best val/loss as logged, the steps, the checkpoints
+    best_step, best = min(scalars["val/loss"], key=lambda point: point[1])
+    assert re.fullmatch(
+        rf"run version_0 done: 20 steps in 0:00:\d\d; val/loss {scalars['val/loss'][-1][1]:.4f} at step 20 \(best "
+        rf"{best:.4f} at step {best_step}\); checkpoints/version_0/best.ckpt, checkpoints/version_0/last.ckpt",
+        out.splitlines()[-1],
+    )
+    best_ckpt = torch.load(workdir / "checkpoints" / "version_0" / "best.ckpt", weights_only=True)
+    assert best_ckpt["global_step"] == best_step
+
 
 def test_checkpoint_is_self_contained(trained: tuple[Path, str], corpus: Path) -> None:
     workdir, _ = trained
@@ -80,29 +92,47 @@ def test_checkpoint_is_self_contained(trained: tuple[Path, str], corpus: Path) -
     assert torch.equal(lit.model.wte.weight, model.wte.weight)
 
 
-@pytest.mark.parametrize("ckpt_path", ["last", "checkpoints/version_0/last.ckpt"])
-def test_resume_continues_from_the_checkpoint(trained: tuple[Path, str], corpus: Path, ckpt_path: str) -> None:
+# last.ckpt: written at the end of fit; best.ckpt: at the evaluation at step 20, mid-epoch
+@pytest.mark.parametrize("ckpt_path", ["last", "checkpoints/version_0/best.ckpt"])
+def test_resume_continues_from_the_checkpoint(
+    trained: tuple[Path, str], corpus: Path, ckpt_path: str, capsys: pytest.CaptureFixture
+) -> None:
     workdir, _ = trained
     args = ["fit", *TINY, "--data.path", str(corpus), "--trainer.max_steps", "30", "--ckpt_path", ckpt_path]
-    assert run_main(args) == 0
+    assert run_main([*args, "--trainer.enable_progress_bar", "true"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].startswith("run version_0 done: steps 20 to 30 in ")
+    # the bar reads as a run's that did not resume: the nominal epoch's batches (210) up to max_steps, not "30/?"
+    assert re.match(r"Epoch \d+: 100%\|[^|]*\| 30/30 \[", out[out.rindex("Epoch ") :])
     assert torch.load(workdir / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == 30
     scalars, _ = read_events(workdir / "lightning_logs")
     assert [step for step, _ in scalars["val/loss"]] == [10, 20, 30]
 
 
-@pytest.mark.parametrize("subcommand", ["validate", "test"])
-def test_validate_and_test_on_a_checkpoint(
-    trained: tuple[Path, str], corpus: Path, subcommand: str, capsys: pytest.CaptureFixture
+@pytest.mark.parametrize(
+    ("subcommand", "extra", "windows"),
+    [("validate", [], 64), ("test", ["--data.val_windows", "32"], 32)],
+    ids=["validate", "test-val_windows-given"],
+)
+def test_validate_and_test_score_the_runs_own_windows(
+    trained: tuple[Path, str], corpus: Path, subcommand: str, extra: list[str], windows: int, capsys
 ) -> None:
+    """The run's corpus and validation windows come from its checkpoint, not from the config given (small.yaml:
+    the packaged corpus, 3,200 windows); an option on the command line wins. The first line says what is scored."""
     workdir, _ = trained
     best = torch.load(workdir / "checkpoints" / "version_0" / "best.ckpt", weights_only=True)
     score = next(v["best_model_score"] for k, v in best["callbacks"].items() if "'monitor': 'val/loss'" in k)
-    args = [subcommand, *TINY, "--data.path", str(corpus), "--ckpt_path", "checkpoints/version_0/best.ckpt"]
+    args = [subcommand, "--config", SMALL, "--ckpt_path", "best", "--trainer.enable_progress_bar", "false", *extra]
     assert run_main(args) == 0
     out = capsys.readouterr().out
+    assert out.splitlines()[0] == (
+        f"{subcommand} checkpoints/version_0/best.ckpt (step 20) on {windows} fixed windows of 16 characters of the "
+        f"validation split of {corpus}"
+    )
     prefix = "val" if subcommand == "validate" else "test"
     line = next(line for line in out.splitlines() if f"{prefix}/loss" in line)
-    assert float(line.split()[-1].strip("│")) == pytest.approx(float(score), abs=1e-5)
+    if windows == 64:  # the run's own windows: the score it reported
+        assert float(line.split()[-1].strip("│")) == pytest.approx(float(score), abs=1e-5)
 
 
 def test_bf16_mixed_precision_trains_on_cpu(corpus: Path, workdir: Path) -> None:
@@ -127,6 +157,15 @@ def test_small_config_is_the_lectures(capsys: pytest.CaptureFixture) -> None:
     shape = c["model"]["config"]
     assert (shape["n_embd"], shape["n_head"], shape["n_layer"], shape["dropout"]) == (64, 4, 4, 0.0)
     assert (c["model"]["learning_rate"], c["model"]["lr_schedule"], c["seed_everything"]) == (1e-3, "constant", 1337)
+
+
+def test_fit_without_a_config_is_the_lectures_recipe(capsys: pytest.CaptureFixture) -> None:
+    """`fit` alone runs configs/small.yaml, which ends (Lightning's own defaults train for ~2 million steps)."""
+    assert run_main(["fit", "--print_config"]) == 0
+    bare = _flatten(yaml.safe_load(capsys.readouterr().out))
+    small = _flatten(yaml.safe_load(Path(SMALL).read_text()))
+    del small["trainer.precision"]  # left to the device when no config names one (issue 21, item 7)
+    assert {key: bare[key] for key in small} == small
 
 
 def test_fit_help_documents_every_option(capsys: pytest.CaptureFixture) -> None:
@@ -155,7 +194,7 @@ def test_entry_points(command: list[str]) -> None:
         command = [str(script)]
     result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    assert "{fit,validate,test}" in result.stdout and "sample" in result.stdout
+    assert "{fit,validate,test,sample}" in result.stdout
 
 
 # ---- bad input: one line on stderr, exit status 2, nothing written ----

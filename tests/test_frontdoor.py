@@ -135,6 +135,7 @@ def test_an_interrupt_is_one_line(corpus: Path, tmp_path: Path, sig: signal.Sign
 def test_help_lists_every_subcommand_and_cuts_no_line(capsys: pytest.CaptureFixture) -> None:
     assert run_main(["--help"]) == 0
     out = capsys.readouterr().out
+    assert "{fit,validate,test,sample}" in out.split("\n\n")[0]  # the usage line
     listed = out.split("Available subcommands:")[1]
     entries = re.findall(r"^    (\w+) +(.*(?:\n {24}.*)*)", listed, flags=re.M)
     assert [name for name, _ in entries] == ["fit", "validate", "test"]

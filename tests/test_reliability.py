@@ -134,8 +134,10 @@ def test_divergence_stops_with_the_step_and_keeps_checkpoints(
 ) -> None:
     args = ["fit", *TINY, "--data.path", str(corpus), "--trainer.callbacks+=tests.probes.InjectNaN"]
     assert run_main([*args, "--trainer.callbacks.at_step", "15"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    out, err = capsys.readouterr()
+    err = err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: training diverged: the loss is nan at step 15")
+    assert " done: " not in out  # no result line for a run that did not finish
     assert "last.ckpt" in err[0]
     best = torch.load(workdir / "checkpoints" / "version_0" / "best.ckpt", weights_only=True)
     last = torch.load(workdir / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)
