@@ -231,13 +231,13 @@ class LitGPTCLI(LightningCLI):
         # the progress bar redraws every 10 steps: redrawing every step costs 5% of a small CPU step.
         # Lightning's TQDMProgressBar reads this variable; set it to 1 for every step
         os.environ.setdefault("TQDM_MINITERS", "10")
-        if self.subcommand is None:
-            return
-        config = self.config[self.subcommand]
-        self._check_trainer(config.trainer)
+        config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.precision == "auto":
             self._precision, why = _auto_precision(config.trainer.accelerator)
             self._notes.append(f"precision auto: {self._precision} ({why})")
+        if self.subcommand is None:
+            return
+        self._check_trainer(config.trainer)
         logger = config.trainer.logger
         tensorboard = isinstance(logger, Namespace) and logger.class_path.endswith("TensorBoardLogger")
         if self.subcommand != "fit":

@@ -4,8 +4,8 @@ Muon (Keller Jordan, 2024; the update rule of ``torch.optim.Muon``): SGD momentu
 weight matrix, is replaced by the nearest semi-orthogonal matrix (five Newton-Schulz iterations). PyTorch's own
 ``torch.optim.Muon`` runs those iterations in bfloat16, which a CPU without AVX-512 BF16 emulates: measured on
 this project's 2-core AMD EPYC (4 × 64 model, batch 32 × 64), a step took 147 ms against 53 ms with AdamW. Here
-they run in float32 on a CPU (61 ms a step) and in bfloat16 elsewhere. Embeddings, the output head and the
-norms' gains stay on AdamW, as Muon's authors prescribe.
+they run in float32 on a CPU (61 ms a step), on Apple MPS and on GPUs without native bf16 (T4, V100), and in
+bfloat16 on the others. Embeddings, the output head and the norms' gains stay on AdamW, as Muon's authors prescribe.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ _NS = (3.4445, -4.775, 2.0315)  # quintic Newton-Schulz coefficients (Muon's)
 def orthogonalize(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximately U·Vᵀ of ``update`` = U·S·Vᵀ (singular values pushed to ~[0.5, 1.5]), as Muon computes it."""
     a, b, c = _NS
-    x = update.float() if update.device.type == "cpu" else update.bfloat16()
+    native_bf16 = update.device.type == "cuda" and torch.cuda.get_device_capability(update.device) >= (8, 0)
+    x = update.bfloat16() if native_bf16 else update.float()  # CPUs, Apple MPS and older GPUs: float32
     tall = x.size(0) > x.size(1)
     if tall:
         x = x.T

@@ -136,3 +136,12 @@ def test_block_size_1_trains_and_samples(corpus: Path, workdir: Path, capsys: py
     ckpt = str(workdir / "checkpoints" / "version_0" / "last.ckpt")
     assert len(sample(ckpt, prompt="KING", max_new_tokens=30, seed=3)[0]) == 34
     assert sample(ckpt, max_new_tokens=30, seed=3) == sample(ckpt, max_new_tokens=30, seed=3, use_cache=False)
+
+
+def test_last_and_best_name_the_newest_runs_files(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tiny_checkpoint.parents[2])  # where its run's checkpoints/ folder is
+    for name in ("last", "best"):
+        expected = sample_output(capsys, "--ckpt_path", str(tiny_checkpoint.with_name(f"{name}.ckpt")))
+        assert sample_output(capsys, "--ckpt_path", name) == expected
