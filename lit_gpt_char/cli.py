@@ -326,16 +326,6 @@ class LitGPTCLI(LightningCLI):
                 f"--model.lr_schedule {hp.lr_schedule} needs to know where it ends: set --trainer.max_steps or "
                 f"--model.decay_steps"
             )
-        if (
-            self.subcommand == "fit"
-            and hp.lr_schedule != "constant"
-            and not hp.decay_steps
-            and 0 < trainer.max_steps <= hp.warmup_steps
-        ):
-            raise LitGPTCharError(
-                f"--trainer.max_steps ({trainer.max_steps}) must be greater than --model.warmup_steps "
-                f"({hp.warmup_steps}): the {hp.lr_schedule} decay follows the warmup (or set --model.decay_steps)"
-            )
         if scaled_and_clipped(trainer) and hp.fused_adamw:
             raise LitGPTCharError(
                 "--trainer.precision 16-mixed scales the loss, so a fused AdamW step cannot be clipped "
