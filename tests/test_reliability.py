@@ -242,10 +242,6 @@ SWEEP = {
         lambda t: ["--model.lr_schedule", "cosine", "--model.warmup_steps", "10", "--model.decay_steps", "10"],
         "--model.decay_steps (10) must be greater than --model.warmup_steps (10)",
     ),
-    "max_steps-within-warmup": (
-        lambda t: ["--model.lr_schedule", "cosine", "--model.warmup_steps", "30"],
-        "--trainer.max_steps (20) must be greater than --model.warmup_steps (30)",
-    ),
     "min_lr-above-learning_rate": (
         lambda t: ["--model.min_lr", "0.1"],
         "--model.min_lr (0.1) must be at most --model.learning_rate (0.001)",
