@@ -137,6 +137,25 @@ def test_auto_precision_on_this_cpu_is_32_true(corpus: Path, workdir: Path, caps
     assert saved["trainer"]["precision"] == "auto"  # a resumed run decides again, on the machine it runs on
 
 
+def test_fp16_with_clipping_takes_the_plain_adamw_step(
+    corpus: Path, workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # what auto picks on a T4 or V100, on this CPU: Lightning's fp16 plugin (autocast and a GradScaler) given directly
+    fp16 = tmp_path / "fp16.yaml"
+    fp16.write_text(
+        "trainer:\n  precision: null\n  gradient_clip_val: 1.0\n  plugins:\n"
+        "    - class_path: lit_gpt_char.checkpoint.AtomicCheckpointIO\n"
+        "    - {class_path: lightning.pytorch.plugins.precision.MixedPrecision, "
+        "init_args: {precision: 16-mixed, device: cpu}}\n"
+    )
+    args = ["fit", *TINY, "--config", str(fp16), "--data.path", str(corpus), "--trainer.max_steps", "10"]
+    assert run_main([*args, "--sampling.final_max_new_tokens", "0"]) == 0
+    assert "note: 16-mixed scales the loss, and a fused AdamW step cannot be clipped" in capsys.readouterr().out
+    ckpt = torch.load(workdir / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)
+    assert [group["fused"] for group in ckpt["optimizer_states"][0]["param_groups"]] == [False, False]
+    assert ckpt["MixedPrecision"]["scale"] > 1  # the loss was scaled: fp16 ran
+
+
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture) -> None:
     assert run_main(["fit", "--config", str(config), "--print_config"]) == 0
