@@ -28,10 +28,11 @@ class CLIParser(LightningArgumentParser):
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
         line = one_line(message)
-        unknown = re.match(r"unrecognized arguments: (--[^\s=]+)", line)
-        if unknown:
+        unknown = re.search(r"unrecognized arguments: --([^\s=]+)|does not accept option '([^']+)'", line)
+        if unknown:  # on the command line or in a config file
             options = [option for action in parser._actions for option in action.option_strings]
-            close = difflib.get_close_matches(unknown.group(1), options, n=1, cutoff=0.8)
+            given = f"--{unknown.group(1) or unknown.group(2)}"
+            close = difflib.get_close_matches(given, options, n=1, cutoff=0.8)
             line += f"; did you mean {close[0]}?" if close else ""
         sys.stderr.write(f"error: {line} (options: {prog} --help)\n")
         sys.exit(2)

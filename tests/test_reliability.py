@@ -226,7 +226,10 @@ SWEEP = {
         "no CUDA GPU is visible here; use --trainer.accelerator cpu",
     ),
     "unknown-precision": (lambda t: ["--trainer.precision", "bf17"], "--trainer.precision 'bf17' is not one of"),
-    "yaml-unknown-key": (_yaml_with_unknown_key, "does not accept option 'model.learning_rat'"),
+    "yaml-unknown-key": (
+        _yaml_with_unknown_key,
+        "does not accept option 'model.learning_rat'; did you mean --model.learning_rate?",
+    ),
     "not-a-number": (lambda t: ["--data.batch_size", "many"], 'key "data.batch_size"'),
     "missing-checkpoint": (
         lambda t: ["--ckpt_path", str(t / "nope.ckpt")],
