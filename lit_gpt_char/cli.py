@@ -277,7 +277,12 @@ class LitGPTCLI(LightningCLI):
     @staticmethod
     def _check_trainer(trainer: Namespace) -> None:
         """Trainer options Lightning would reject with a message that does not say what to do."""
-        if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        # "gpu" is also Apple's MPS to Lightning
+        if (
+            trainer.accelerator in ("gpu", "cuda")
+            and not torch.cuda.is_available()
+            and not (trainer.accelerator == "gpu" and torch.backends.mps.is_available())
+        ):
             raise LitGPTCharError(
                 f"--trainer.accelerator {trainer.accelerator}: no CUDA GPU is visible here; use --trainer.accelerator "
                 f"cpu (configs/small.yaml is sized for a CPU)"
