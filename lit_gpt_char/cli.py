@@ -315,7 +315,7 @@ class LitGPTCLI(LightningCLI):
                 if isinstance(callback, Checkpoint):
                     callback.dirpath = os.path.realpath(folder)
         self._held.release(self._announce())
-        if not self._is_child():
+        if self._notes and not self._is_child():
             print(*self._notes, sep="\n", flush=True)
         if self.subcommand == "fit" and not self._is_child():
             self._warn_if_sized_for_a_gpu()
