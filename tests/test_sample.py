@@ -143,5 +143,7 @@ def test_last_and_best_name_the_newest_runs_files(
 ) -> None:
     monkeypatch.chdir(tiny_checkpoint.parents[2])  # where its run's checkpoints/ folder is
     for name in ("last", "best"):
-        expected = sample_output(capsys, "--ckpt_path", str(tiny_checkpoint.with_name(f"{name}.ckpt")))
-        assert sample_output(capsys, "--ckpt_path", name) == expected
+        expected = sample_output(
+            capsys, "--ckpt_path", str(tiny_checkpoint.with_name(f"{name}.ckpt")), "--max_new_tokens", "20"
+        )
+        assert sample_output(capsys, "--ckpt_path", name, "--max_new_tokens", "20") == expected
