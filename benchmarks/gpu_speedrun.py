@@ -33,6 +33,7 @@ TINY = [
     "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_steps", "40",
     "--trainer.val_check_interval", "20", "--model.config.n_layer", "1", "--model.config.n_embd", "32",
     "--model.config.n_head", "2", "--data.block_size", "32", "--data.batch_size", "8", "--model.decay_steps", "40",
+    "--model.warmup_steps", "4",  # the config's 100 would outlast the decay: refused
 ]  # fmt: skip
 
 

@@ -48,8 +48,9 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
 
 TINY = [
     "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_steps", "30",
-    "--model.decay_steps", "30", "--trainer.val_check_interval", "10", "--model.config.n_layer", "1",
-    "--model.config.n_embd", "32", "--model.config.n_head", "2", "--data.block_size", "32", "--data.batch_size", "8",
+    "--model.decay_steps", "30", "--model.warmup_steps", "3", "--trainer.val_check_interval", "10",
+    "--model.config.n_layer", "1", "--model.config.n_embd", "32", "--model.config.n_head", "2",
+    "--data.block_size", "32", "--data.batch_size", "8",
     "--sampling.final_max_new_tokens", "0", "--sampling.every_n_steps", "0",
 ]  # fmt: skip
 

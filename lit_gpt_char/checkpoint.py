@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
@@ -12,9 +13,11 @@ from typing import Any, Optional
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from lit_gpt_char.callbacks import _shown
 from lit_gpt_char.data import CharTokenizer
 from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.model import GPT, GPTConfig
+from lit_gpt_char.runs import CHECKPOINTS
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -31,17 +34,40 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             os.fchmod(fd, 0o666 & ~_umask())
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as err:  # torch.save reports a failed write (a full disk) as a RuntimeError
+            cause = err if isinstance(err, OSError) else err.__context__
+            if not isinstance(cause, OSError):
+                raise
+            raise LitGPTCharError(_not_saved(path, checkpoint.get("global_step"), cause)) from None
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+
+
+def _not_saved(path: Path, step: Optional[int], cause: OSError) -> str:
+    """What a failed save cost (the steps since the newest checkpoint, which is intact) and what to do."""
+    message = f"could not save {_shown(path)} at step {step}: {cause.strerror or cause}. "
+    saved = [p for p in path.parent.glob("*.ckpt") if not p.name.startswith(".")]
+    if not saved:
+        return message + "Nothing was saved before: free space (or fix the folder), then run again"
+    newest = max(saved, key=lambda p: p.stat().st_mtime)
+    since = _shown(newest)
+    with contextlib.suppress(Exception):  # its step, if it reads
+        since += f" (step {torch.load(newest, map_location='cpu', weights_only=True, mmap=True)['global_step']})"
+    return message + (
+        f"The checkpoints saved before are intact; the steps since {since} are lost: free space, then resume by "
+        f"running the same command with --ckpt_path {_shown(newest)}"
+    )
 
 
 def _umask() -> int:
@@ -57,11 +83,17 @@ def read_checkpoint(path: str | Path) -> dict:
     one runs no code from the file.
     """
     path = Path(path)
+    forms = "last or best (the newest run's), or a file such as checkpoints/RUN/last.ckpt"
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
-        raise LitGPTCharError(f"checkpoint {path} {what}; pass --ckpt_path FILE (e.g. checkpoints/last.ckpt)")
+        runs = sorted({p.parent.name for p in CHECKPOINTS.glob("*/*.ckpt")})
+        listed = f" (runs in {CHECKPOINTS}/: {', '.join(runs[:10])}{', ...' if len(runs) > 10 else ''})" if runs else ""
+        raise LitGPTCharError(f"checkpoint {path} {what}; pass --ckpt_path {forms}{listed}")
+    if path.suffix in (".yaml", ".yml"):
+        raise LitGPTCharError(f"{path} is a config: pass it with --config; --ckpt_path takes a checkpoint: {forms}")
     unreadable = LitGPTCharError(
-        f"cannot read checkpoint {path}: it is not a PyTorch checkpoint, or it is truncated or damaged"
+        f"cannot read checkpoint {path}: it is not a PyTorch checkpoint, or it is truncated or damaged; pass "
+        f"--ckpt_path {forms}"
     )
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one loses its directory
         raise unreadable

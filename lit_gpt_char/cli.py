@@ -22,11 +22,12 @@ from argparse import Action
 from dataclasses import fields, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -40,10 +41,10 @@ from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.distributed import agent_store, publish_run_name, published_run_name, slurm_run_name
 from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.model import GPTConfig
-from lit_gpt_char.module import LitGPT
+from lit_gpt_char.module import LitGPT, scaled_and_clipped
 from lit_gpt_char.monitor import LossChart, ProgressBar, Throughput
 from lit_gpt_char.parser import CLIParser
-from lit_gpt_char.precision import allow_clipping_with_fused_optimizers
+from lit_gpt_char.precision import allow_clipping_with_fused_optimizers, auto_precision
 from lit_gpt_char.runs import CHECKPOINTS, RUN_ENV, Run, claim, plan_run
 from lit_gpt_char.sample import sample_cli
 
@@ -73,6 +74,8 @@ class LitGPTCLI(LightningCLI):
         self._run: Optional[Run] = None
         self._ckpt: Optional[dict] = None  # the checkpoint to load, read and checked
         self._claimed: list[Path] = []  # folders this command created, removed again if the input is rejected
+        self._precision: Optional[str] = None  # what --trainer.precision auto resolved to
+        self._notes: list[str] = []  # lines printed after the run's first line, once the input is checked
         try:
             super().__init__(*args, **kwargs)
         except BaseException:
@@ -120,6 +123,10 @@ class LitGPTCLI(LightningCLI):
         parser.link_arguments("data.block_size", "model.config.block_size")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+        # "auto" beside Lightning's values: the precision the device computes natively (see _auto_precision).
+        # jsonargparse has no public way to widen a class argument's type: its ActionTypeHint keeps it here
+        precision = _set_help(parser, "trainer.precision", PRECISION_HELP)
+        precision._typehint = Optional[Union[Literal["auto"], precision._typehint]]
         parser.add_lightning_class_args(SampleTextCallback, "sampling")
         # its default, a newline, would print as an invisible "default: \n": write it out (the help as given)
         prompt = _set_help(
@@ -239,9 +246,12 @@ class LitGPTCLI(LightningCLI):
         # the progress bar redraws every 10 steps: redrawing every step costs 5% of a small CPU step.
         # Lightning's TQDMProgressBar reads this variable; set it to 1 for every step
         os.environ.setdefault("TQDM_MINITERS", "10")
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.precision == "auto":
+            self._precision, why = _auto_precision(config.trainer.accelerator)
+            self._notes.append(f"precision auto: {self._precision} ({why})")
         if self.subcommand is None:
             return
-        config = self.config[self.subcommand]
         self._check_trainer(config.trainer)
         logger = config.trainer.logger
         tensorboard = isinstance(logger, Namespace) and logger.class_path.endswith("TensorBoardLogger")
@@ -272,13 +282,23 @@ class LitGPTCLI(LightningCLI):
             name = f"config-resumed-at-step-{self._resume_step()}.yaml"
             self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": name}
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        if self._precision is not None:  # what "auto" resolved to; the saved config keeps "auto"
+            kwargs["precision"] = self._precision
+        return super().instantiate_trainer(**kwargs)
+
     def _resume_step(self) -> int:
         return int(self._ckpt["global_step"]) if self._ckpt is not None else 0
 
     @staticmethod
     def _check_trainer(trainer: Namespace) -> None:
         """Trainer options Lightning would reject with a message that does not say what to do."""
-        if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        # "gpu" is also Apple's MPS to Lightning
+        if (
+            trainer.accelerator in ("gpu", "cuda")
+            and not torch.cuda.is_available()
+            and not (trainer.accelerator == "gpu" and torch.backends.mps.is_available())
+        ):
             raise LitGPTCharError(
                 f"--trainer.accelerator {trainer.accelerator}: no CUDA GPU is visible here; use --trainer.accelerator "
                 f"cpu (configs/small.yaml is sized for a CPU)"
@@ -316,6 +336,8 @@ class LitGPTCLI(LightningCLI):
                 if isinstance(callback, Checkpoint):
                     callback.dirpath = os.path.realpath(folder)
         self._held.release(self._announce())
+        if self._notes and not self._is_child():
+            print(*self._notes, sep="\n", flush=True)
         if self.subcommand == "fit" and not self._is_child():
             self._warn_if_sized_for_a_gpu()
         if self._run is not None:
@@ -351,11 +373,14 @@ class LitGPTCLI(LightningCLI):
                 f"--model.lr_schedule {hp.lr_schedule} needs to know where it ends: set --trainer.max_steps or "
                 f"--model.decay_steps"
             )
-        loss_scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
-        if loss_scaled and trainer.gradient_clip_val and hp.fused_adamw is not False:
+        if scaled_and_clipped(trainer) and hp.fused_adamw:
             raise LitGPTCharError(
                 "--trainer.precision 16-mixed scales the loss, so a fused AdamW step cannot be clipped "
                 "(--trainer.gradient_clip_val): use --trainer.precision bf16-mixed, or --model.fused_adamw false"
+            )
+        if scaled_and_clipped(trainer) and hp.fused_adamw is None:
+            self._notes.append(
+                "note: 16-mixed scales the loss, and a fused AdamW step cannot be clipped: AdamW takes its plain step"
             )
 
     def _announce(self) -> Optional[str]:
@@ -425,8 +450,26 @@ CHECKPOINT_GROUPS = {  # title and description of each group in fit --help
 MAY_CHANGE_ON_RESUME = ("compile", "fused_adamw")
 
 
+PRECISION_HELP = (
+    "Lightning's (32-true, bf16-mixed, 16-mixed: fp16 with loss scaling, ...; null: 32-true), or auto: bf16-mixed on "
+    "a GPU that computes bf16 natively, 16-mixed on an older one (T4, V100), 32-true on a CPU or Apple MPS"
+)
+
+
+def _auto_precision(accelerator: Any) -> tuple[str, str]:
+    """--trainer.precision auto on the device --trainer.accelerator picks: its facts, read here, decide."""
+    gpu = accelerator in ("auto", "gpu", "cuda")
+    if gpu and torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return auto_precision("cuda", bf16, torch.cuda.get_device_capability())
+    if accelerator in ("auto", "gpu", "mps") and torch.backends.mps.is_available():
+        return auto_precision("mps", False)
+    return auto_precision("cpu", False)
+
+
 def _name_options(message: str) -> str:
-    """``message`` with the first mention of each model argument written as its option (--model.config.n_head)."""
+    """``message`` with the first mention of each model argument written as its option (--model.config.n_head);
+    a word inside a path (``runs/init/dropout.txt``) is no mention."""
     options = {
         f.name: f"--model.config.{f.name}" for f in fields(GPTConfig) if f.name not in ("vocab_size", "block_size")
     }
@@ -434,7 +477,7 @@ def _name_options(message: str) -> str:
         name: f"--model.{name}" for name in inspect.signature(LitGPT).parameters if name not in ("vocab", "config")
     }
     for name, option in options.items():
-        message = re.sub(rf"(?<![\w.-]){name}\b", option, message, count=1)
+        message = re.sub(rf"(?<![\w./\\-]){name}(?![\w/\\-]|\.\w)", option, message, count=1)
     return message
 
 

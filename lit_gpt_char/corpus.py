@@ -127,9 +127,11 @@ def _stat(path: Path) -> os.stat_result:
     try:
         return path.stat()
     except FileNotFoundError:
-        raise LitGPTCharError(f"corpus file {path} does not exist; pass --data.path FILE") from None
+        raise LitGPTCharError(
+            f"corpus path {path} does not exist; pass --data.path a text file or a folder of them"
+        ) from None
     except OSError as err:
-        raise LitGPTCharError(f"cannot read corpus file {path}: {err.strerror}") from None
+        raise LitGPTCharError(f"cannot read corpus path {path}: {err.strerror}") from None
 
 
 def single_file(path: Path, sha256: Optional[str] = None) -> Corpus:

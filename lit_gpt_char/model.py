@@ -309,7 +309,7 @@ class GPT(nn.Module):
         temperature 0 picks the most likely token (greedy); otherwise logits are divided by
         ``temperature``, cut to the ``top_k`` largest if given, and sampled with ``generator``.
         ``use_cache=False`` is the lecture's path (re-run the last block_size tokens each step).
-        ``refill`` (default block_size // 2, 1..block_size): how many of the latest tokens are
+        ``refill`` (default block_size // 2, at least 1; 1..block_size): how many of the latest tokens are
         re-encoded when the cache is full; see the module docstring.
         """
         if max_new_tokens < 0:
@@ -321,7 +321,7 @@ class GPT(nn.Module):
         if idx.size(1) < 1:
             raise LitGPTCharError("generation needs a context of at least one token")
         block_size = self.config.block_size
-        refill = block_size // 2 if refill is None else refill
+        refill = max(1, block_size // 2) if refill is None else refill
         if not 1 <= refill <= block_size:
             raise LitGPTCharError(f"refill must be in 1..block_size ({block_size}), got {refill}")
         if max_new_tokens == 0:

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from typing import Any, Literal, Optional, Union
 
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn import functional as F
 from torchmetrics import MeanMetric
@@ -46,6 +46,11 @@ def lr_factor(
     return 1.0 - (1.0 - min_lr_ratio) * t
 
 
+def scaled_and_clipped(trainer: Trainer) -> bool:
+    """Whether the Trainer scales the loss (16-mixed) and clips gradients: a fused AdamW step cannot be clipped."""
+    return getattr(trainer.precision_plugin, "scaler", None) is not None and bool(trainer.gradient_clip_val)
+
+
 class LitGPT(LightningModule):
     """Trains :class:`~lit_gpt_char.model.GPT` on character windows.
 
@@ -63,7 +68,8 @@ class LitGPT(LightningModule):
         decay_steps: Step at which the decay reaches min_lr. Unset: the Trainer's max_steps.
         min_lr: Learning rate at the end of the decay.
         cooldown_fraction: For "wsd": the last fraction of decay_steps spent cooling down.
-        fused_adamw: Use the fused AdamW kernel. Unset: on for CUDA and CPU devices.
+        fused_adamw: Use the fused AdamW kernel. Unset: on for CUDA and CPU devices, unless 16-mixed precision
+            scales the loss and gradients are clipped (a fused step cannot be clipped there).
         optimizer: "adamw" (every parameter), or "muon": Muon for the transformer blocks' weight matrices and
             AdamW (learning_rate, betas, weight_decay) for the embeddings, the output head and the norms.
         muon_lr: Muon's peak learning rate (the schedule scales it as it scales learning_rate).
@@ -100,6 +106,15 @@ class LitGPT(LightningModule):
             raise LitGPTCharError(f"muon_lr must be > 0 and muon_momentum in [0, 1), got {muon_lr} and {muon_momentum}")
         if warmup_steps < 0:
             raise LitGPTCharError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if lr_schedule != "constant" and decay_steps is not None and decay_steps <= warmup_steps:
+            raise LitGPTCharError(
+                f"decay_steps ({decay_steps}) must be greater than warmup_steps ({warmup_steps}): the decay follows "
+                f"the warmup"
+            )
+        if min_lr > learning_rate:
+            raise LitGPTCharError(f"min_lr ({min_lr}) must be at most learning_rate ({learning_rate})")
+        if not 0 <= cooldown_fraction <= 1:
+            raise LitGPTCharError(f"cooldown_fraction must be in [0, 1], got {cooldown_fraction}")
         config = asdict(shape)  # save_hyperparameters reads this local: plain values load with weights_only=True
         self.save_hyperparameters()
         self.tokenizer = CharTokenizer(vocab)
@@ -202,8 +217,11 @@ class LitGPT(LightningModule):
             {"params": [p for p in params if p.dim() >= 2 and p not in matrices], "weight_decay": hp.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # the fused kernel (CUDA and CPU) is ~15% of a small CPU step faster than the per-tensor loop
-        fused = hp.fused_adamw if hp.fused_adamw is not None else self.device.type in ("cuda", "cpu")
+        # the fused kernel (CUDA and CPU) is ~15% of a small CPU step faster than the per-tensor loop; under fp16's
+        # loss scaling Lightning cannot clip the gradients before it (they are unscaled inside the fused step)
+        fused = hp.fused_adamw
+        if fused is None:
+            fused = self.device.type in ("cuda", "cpu") and not scaled_and_clipped(self.trainer)
         adamw = {"lr": hp.learning_rate, "betas": tuple(hp.betas), "fused": fused}
         if muon:
             muon_params = [p for p in params if p in matrices]

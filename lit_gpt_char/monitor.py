@@ -45,6 +45,8 @@ class Throughput(Callback):
         device = trainer.strategy.root_device
         if device.type == "cuda":  # the queued steps must finish to be counted
             torch.cuda.synchronize(device)
+        elif device.type == "mps":
+            torch.mps.synchronize()
         return time.perf_counter()
 
     def _restart(self, trainer: Trainer) -> None:

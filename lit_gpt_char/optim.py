@@ -2,9 +2,10 @@
 
 Muon (Keller Jordan, 2024; the update rule of ``torch.optim.Muon``): SGD momentum (Nesterov) whose update, for a
 weight matrix, is replaced by the nearest semi-orthogonal matrix (five Newton-Schulz iterations). PyTorch's own
-``torch.optim.Muon`` runs those iterations in bfloat16, which a CPU without native bf16 emulates (slowly: see
-benchmarks/RESULTS.md), so here they run in float32 on a CPU and in bfloat16 elsewhere. Embeddings, the output head
-and the norms' gains stay on AdamW, as Muon's authors prescribe.
+``torch.optim.Muon`` runs those iterations in bfloat16, which a device without native bf16 emulates (slowly: see
+benchmarks/RESULTS.md), so here they run in float32 on a CPU, on Apple MPS and on GPUs without native bf16 (T4,
+V100), and in bfloat16 on the others. Embeddings, the output head and the norms' gains stay on AdamW, as Muon's
+authors prescribe.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ _NS = (3.4445, -4.775, 2.0315)  # quintic Newton-Schulz coefficients (Muon's)
 def orthogonalize(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximately U·Vᵀ of ``update`` = U·S·Vᵀ (singular values pushed to ~[0.5, 1.5]), as Muon computes it."""
     a, b, c = _NS
-    x = update.float() if update.device.type == "cpu" else update.bfloat16()
+    native_bf16 = update.device.type == "cuda" and torch.cuda.get_device_capability(update.device) >= (8, 0)
+    x = update.bfloat16() if native_bf16 else update.float()  # CPUs, Apple MPS and older GPUs: float32
     tall = x.size(0) > x.size(1)
     if tall:
         x = x.T

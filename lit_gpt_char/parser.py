@@ -5,22 +5,36 @@ Both the Lightning subcommands (cli.py) and ``sample`` (sample.py) build on it.
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 import sys
-from typing import NoReturn, Optional
+from pathlib import Path
+from typing import Any, NoReturn, Optional
 
 from lightning.pytorch.cli import LightningArgumentParser
 
 
 class CLIParser(LightningArgumentParser):
-    """jsonargparse's parser, with its errors as one line instead of a page of usage."""
+    """jsonargparse's parser, with its errors as one line instead of a page of usage, and no abbreviations: a
+    prefix of an option (--trainer.max_step) is an error that names the option, not the option taken silently."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
         if not self.exit_on_error:  # jsonargparse is probing alternatives: let it raise
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"error: {one_line(message)} (options: {prog} --help)\n")
+        line = one_line(message)
+        unknown = re.search(r"unrecognized arguments: --([^\s=]+)|does not accept option '([^']+)'", line)
+        if unknown:  # on the command line or in a config file
+            options = [option for action in parser._actions for option in action.option_strings]
+            given = f"--{unknown.group(1) or unknown.group(2)}"
+            close = difflib.get_close_matches(given, options, n=1, cutoff=0.8)
+            line += f"; did you mean {close[0]}?" if close else ""
+        sys.stderr.write(f"error: {line} (options: {prog} --help)\n")
         sys.exit(2)
 
 
@@ -33,7 +47,23 @@ def one_line(message: str) -> str:
     if key and given and literals:
         allowed = ", ".join(dict.fromkeys(item for group in literals for item in group.split(", ")))
         return f"--{key.group(1)} {given.group(1).strip()!r} is not one of: {allowed}"
+    config = re.search(r'Parser key "config": File does not exist: \'(.*)\'', message)
+    if config:
+        return f"config file {_shown(config.group(1))} does not exist; {_configs()}"
     required = re.fullmatch(r"the following arguments are required: (.*)", message.strip())
     if required:
         return "missing " + ", ".join(f"--{name.strip()}" for name in required.group(1).split(","))
     return " ".join(message.split())
+
+
+def _shown(path: str) -> str:
+    return os.path.relpath(path) if Path(path).is_relative_to(Path.cwd()) else path
+
+
+def _configs() -> str:
+    """The configs a user can pass: those in ./configs, else the project's own."""
+    for folder in (Path("configs"), Path(__file__).resolve().parents[1] / "configs"):
+        names = sorted(p.name for p in folder.glob("*.yaml"))
+        if names:
+            return f"the configs in {_shown(str(folder.resolve()))}{os.sep}: {', '.join(names)}"
+    return "pass --config FILE.yaml"

@@ -1,4 +1,5 @@
-"""bf16 mixed precision that allows gradient clipping with a fused optimizer.
+"""The precision a run computes in: ``--trainer.precision auto`` decided from the device, and bf16 mixed precision
+that allows gradient clipping with a fused optimizer.
 
 Lightning's MixedPrecision refuses to clip the gradients of an optimizer that "handles unscaling"
 (fused AdamW), because under fp16 the gradients it would clip are still multiplied by the loss
@@ -9,7 +10,7 @@ needs exactly that.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
@@ -36,3 +37,20 @@ def allow_clipping_with_fused_optimizers(plugin: Precision) -> Precision:
     if type(plugin) is MixedPrecision and plugin.precision == "bf16-mixed":
         return BF16MixedPrecision(plugin.device)
     return plugin
+
+
+def auto_precision(device: str, bf16_native: bool, capability: Optional[tuple[int, int]] = None) -> tuple[str, str]:
+    """``--trainer.precision auto``: the precision ``device`` ("cuda", "mps", "cpu") runs natively, and why.
+
+    bf16 autocast where the GPU computes bf16 natively (compute capability 8.0 and up: A100, H100, RTX 30xx);
+    fp16 with loss scaling on older GPUs (T4, V100), which emulate bf16 slowly or not at all; float32 on a CPU
+    (most emulate bf16, slower than float32) and on Apple's MPS (its mixed precision is untried here).
+    """
+    if device == "cuda" and bf16_native:
+        return "bf16-mixed", "this GPU computes bf16 natively"
+    if device == "cuda":
+        version = f", compute capability {capability[0]}.{capability[1]}," if capability else ""
+        return "16-mixed", f"this GPU{version} has no native bf16: fp16 with loss scaling"
+    if device == "mps":
+        return "32-true", "Apple MPS: mixed precision there is untried by this project"
+    return "32-true", "on a CPU, float32 is the fast path: most CPUs emulate bf16"

@@ -12,6 +12,7 @@ import torch
 from lit_gpt_char.checkpoint import load_checkpoint
 from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.parser import CLIParser
+from lit_gpt_char.runs import newest_run
 
 
 def sample(
@@ -30,7 +31,8 @@ def sample(
     """Generate text from a checkpoint, streaming the first sample to stdout as it is produced.
 
     Args:
-        ckpt_path: A checkpoint written by `fit` (e.g. checkpoints/last.ckpt or checkpoints/best.ckpt).
+        ckpt_path: A checkpoint written by `fit` (e.g. checkpoints/RUN/last.ckpt), or last or best: that file of
+            the newest run.
         prompt: Text to continue. Empty: start from token 0, the vocabulary's first character (a
             newline for Tiny Shakespeare), as the lecture does.
         prompt_file: Read the prompt from this UTF-8 file instead.
@@ -43,7 +45,7 @@ def sample(
         use_cache: Use the KV cache (fast). Off: re-run the last block_size characters for every
             new one, exactly as the lecture's generate.
         refill: With the cache, how many of the latest characters are re-encoded when the context
-            window is full (1..block_size; default block_size // 2).
+            window is full (1..block_size; default block_size // 2, at least 1).
 
     Returns:
         The samples, each the prompt followed by the new text.
@@ -59,6 +61,11 @@ def sample(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise LitGPTCharError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if ckpt_path in ("last", "best"):  # as fit and validate read them: the newest run's
+        folder = newest_run()
+        if folder is None:
+            raise LitGPTCharError(f"--ckpt_path {ckpt_path}: there is no run in checkpoints/; pass a checkpoint file")
+        ckpt_path = str(folder / f"{ckpt_path}.ckpt")
     model, tokenizer = load_checkpoint(ckpt_path, device)
     ids = tokenizer.encode(prompt) if prompt else torch.zeros(1, dtype=torch.long)
     idx = ids.to(device)[None].repeat(num_samples, 1)

@@ -21,8 +21,9 @@ from lit_gpt_char.cli import _flatten
 from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT
+from lit_gpt_char.precision import auto_precision
 
-from .conftest import ROOT, SMALL, TINY, outputs_under, run_main, run_subprocess
+from .conftest import ROOT, SMALL, TINY, outputs_under, printed, run_main, run_subprocess
 
 
 def read_events(logdir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, str]]]]:
@@ -142,6 +143,49 @@ def test_bf16_mixed_precision_trains_on_cpu(corpus: Path, workdir: Path) -> None
     assert math.isfinite(scalars["val/loss"][-1][1])
 
 
+@pytest.mark.parametrize(
+    ("device", "bf16_native", "capability", "expected"),
+    [
+        ("cuda", True, (9, 0), "bf16-mixed"),  # H100/H200, A100 (8.0), RTX 30xx/40xx
+        ("cuda", False, (7, 5), "16-mixed"),  # T4 (Colab's default)
+        ("cuda", False, (7, 0), "16-mixed"),  # V100
+        ("mps", True, None, "32-true"),
+        ("cpu", True, None, "32-true"),
+    ],
+)
+def test_auto_precision_follows_the_device(device: str, bf16_native: bool, capability, expected: str) -> None:
+    precision, why = auto_precision(device, bf16_native, capability)
+    assert precision == expected and why
+
+
+def test_auto_precision_on_this_cpu_is_32_true(corpus: Path, workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["fit", *TINY, "--data.path", str(corpus), "--trainer.precision", "auto", "--trainer.max_steps", "2"]
+    assert run_main([*args, "--trainer.accelerator", "cpu"]) == 0
+    out = printed(capsys.readouterr().out)
+    assert out[1] == "precision auto: 32-true (on a CPU, float32 is the fast path: most CPUs emulate bf16)", out
+    saved = yaml.safe_load((workdir / "lightning_logs" / "version_0" / "config.yaml").read_text())
+    assert saved["trainer"]["precision"] == "auto"  # a resumed run decides again, on the machine it runs on
+
+
+def test_fp16_with_clipping_takes_the_plain_adamw_step(
+    corpus: Path, workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # what auto picks on a T4 or V100, on this CPU: Lightning's fp16 plugin (autocast and a GradScaler) given directly
+    fp16 = tmp_path / "fp16.yaml"
+    fp16.write_text(
+        "trainer:\n  precision: null\n  gradient_clip_val: 1.0\n  plugins:\n"
+        "    - class_path: lit_gpt_char.checkpoint.AtomicCheckpointIO\n"
+        "    - {class_path: lightning.pytorch.plugins.precision.MixedPrecision, "
+        "init_args: {precision: 16-mixed, device: cpu}}\n"
+    )
+    args = ["fit", *TINY, "--config", str(fp16), "--data.path", str(corpus), "--trainer.max_steps", "10"]
+    assert run_main([*args, "--sampling.final_max_new_tokens", "0"]) == 0
+    assert "note: 16-mixed scales the loss, and a fused AdamW step cannot be clipped" in capsys.readouterr().out
+    ckpt = torch.load(workdir / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)
+    assert [group["fused"] for group in ckpt["optimizer_states"][0]["param_groups"]] == [False, False]
+    assert ckpt["MixedPrecision"]["scale"] > 1  # the loss was scaled: fp16 ran
+
+
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture) -> None:
     assert run_main(["fit", "--config", str(config), "--print_config"]) == 0
@@ -246,7 +290,10 @@ def test_errors_print_no_traceback_from_the_console(tmp_path: Path) -> None:
     result = run_subprocess(["fit", "--config", SMALL, "--data.path", str(tmp_path / "missing.txt")], cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()  # Lightning's own info lines ("Seed set to 1337") may come first
-    assert lines[-1] == f"error: corpus file {tmp_path / 'missing.txt'} does not exist; pass --data.path FILE"
+    assert lines[-1] == (
+        f"error: corpus path {tmp_path / 'missing.txt'} does not exist; "
+        f"pass --data.path a text file or a folder of them"
+    )
     assert sum(line.startswith("error") for line in lines) == 1 and "Traceback" not in result.stderr
 
 

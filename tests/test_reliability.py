@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 
 from lit_gpt_char.callbacks import RunPolicy
 from lit_gpt_char.checkpoint import AtomicCheckpointIO
+from lit_gpt_char.errors import LitGPTCharError
 
 from .conftest import ROOT, TINY, make_text, outputs_under, run_main
 from .test_cli import read_events
@@ -122,11 +124,41 @@ def test_a_crash_while_saving_leaves_the_previous_file(tmp_path: Path, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(LitGPTCharError, match="could not save .*last.ckpt at step None: disk full"):
         io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def _can_mount() -> bool:
+    return sys.platform == "linux" and subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_mount(), reason="needs root (unshare -m, mount -t tmpfs) for a real full filesystem")
+def test_a_full_disk_while_saving_is_one_line(corpus: Path, tmp_path: Path) -> None:
+    # checkpoints/ on a 1000 KiB tmpfs: step 10's best + last (2 x 391 KB) fit, step 20's new file does not
+    args = [*TINY, "--data.path", str(corpus), "--sampling.every_n_steps", "0", "--sampling.final_max_new_tokens", "0"]
+    (tmp_path / "checkpoints").mkdir()
+    # the mount lives as long as the namespace: copy what it holds out before leaving
+    script = (
+        f'mount -t tmpfs -o size=1000k tmpfs checkpoints && {{ {sys.executable} -m lit_gpt_char fit "$@"; '
+        "rc=$?; cp -r checkpoints kept; exit $rc; }"
+    )
+    result = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", *args],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and err[-1] == (
+        "error: could not save checkpoints/version_0/best.ckpt at step 20: No space left on device. The checkpoints "
+        "saved before are intact; the steps since checkpoints/version_0/last.ckpt (step 10) are lost: free space, "
+        "then resume by running the same command with --ckpt_path checkpoints/version_0/last.ckpt"
+    ), result.stderr
+    assert sorted(p.name for p in (tmp_path / "kept" / "version_0").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(tmp_path / "kept" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == 10
 
 
 def test_divergence_stops_with_the_step_and_keeps_checkpoints(
@@ -196,9 +228,43 @@ SWEEP = {
         "no CUDA GPU is visible here; use --trainer.accelerator cpu",
     ),
     "unknown-precision": (lambda t: ["--trainer.precision", "bf17"], "--trainer.precision 'bf17' is not one of"),
-    "yaml-unknown-key": (_yaml_with_unknown_key, "does not accept option 'model.learning_rat'"),
+    "yaml-unknown-key": (
+        _yaml_with_unknown_key,
+        "does not accept option 'model.learning_rat'; did you mean --model.learning_rate?",
+    ),
     "not-a-number": (lambda t: ["--data.batch_size", "many"], 'key "data.batch_size"'),
-    "missing-checkpoint": (lambda t: ["--ckpt_path", str(t / "nope.ckpt")], "does not exist"),
+    "missing-checkpoint": (
+        lambda t: ["--ckpt_path", str(t / "nope.ckpt")],
+        "does not exist; pass --ckpt_path last or best (the newest run's), or a file such as checkpoints/RUN/last.ckpt",
+    ),
+    # issue 20 item 7, issue 21 item 4: each said something wrong or nothing at all
+    "path-with-option-words": (
+        lambda t: ["--data.path", str(t / "init" / "dropout" / "input.txt")],
+        "/init/dropout/input.txt does not exist",
+    ),
+    "missing-folder": (lambda t: ["--data.path", str(t / "nowhere")], "corpus path "),
+    "decay-before-warmup": (
+        lambda t: ["--model.lr_schedule", "cosine", "--model.warmup_steps", "10", "--model.decay_steps", "10"],
+        "--model.decay_steps (10) must be greater than --model.warmup_steps (10)",
+    ),
+    "min_lr-above-learning_rate": (
+        lambda t: ["--model.min_lr", "0.1"],
+        "--model.min_lr (0.1) must be at most --model.learning_rate (0.001)",
+    ),
+    "cooldown_fraction-1.5": (
+        lambda t: ["--model.cooldown_fraction", "1.5"],
+        "--model.cooldown_fraction must be in [0, 1], got 1.5",
+    ),
+    "misspelled-option": (lambda t: ["--trainer.max_stepz", "3"], "did you mean --trainer.max_steps?"),
+    "abbreviated-option": (lambda t: ["--trainer.max_step", "3"], "did you mean --trainer.max_steps?"),
+    "missing-config": (
+        lambda t: ["--config", "configs/smal.yaml"],
+        "config file configs/smal.yaml does not exist; the configs in ",
+    ),
+    "config-as-checkpoint": (
+        lambda t: ["--ckpt_path", str(ROOT / "configs" / "small.yaml")],
+        "is a config: pass it with --config; --ckpt_path takes a checkpoint",
+    ),
 }
 
 
@@ -212,6 +278,17 @@ def test_bad_input_sweep(case: str, corpus: Path, workdir: Path, tmp_path: Path,
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], captured.err
     assert outputs_under(workdir) == []
+
+
+def test_a_missing_checkpoint_names_the_runs_there(
+    corpus: Path, workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    for run in ("baseline", "version_0"):
+        (workdir / "checkpoints" / run).mkdir(parents=True)
+        (workdir / "checkpoints" / run / "last.ckpt").touch()
+    assert run_main(["fit", *TINY, "--data.path", str(corpus), "--ckpt_path", "checkpoints/last.ckpt"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("(runs in checkpoints/: baseline, version_0)"), err
 
 
 def test_resume_with_another_vocabulary_says_so(

@@ -13,7 +13,7 @@ from lit_gpt_char.checkpoint import load_checkpoint
 from lit_gpt_char.module import LitGPT
 from lit_gpt_char.sample import sample
 
-from .conftest import run_main
+from .conftest import TINY, run_main
 
 
 def sample_output(capsys: pytest.CaptureFixture, *args: str) -> str:
@@ -125,3 +125,25 @@ def test_bad_checkpoints(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.C
     assert run_main(["sample", "--ckpt_path", str(make(tiny_checkpoint, tmp_path))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_block_size_1_trains_and_samples(corpus: Path, workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    # a context of one character: the cache is full after every token, and refills from that one token
+    assert (
+        run_main(["fit", *TINY, "--data.path", str(corpus), "--data.block_size", "1", "--trainer.max_steps", "10"]) == 0
+    )
+    capsys.readouterr()
+    ckpt = str(workdir / "checkpoints" / "version_0" / "last.ckpt")
+    assert len(sample(ckpt, prompt="KING", max_new_tokens=30, seed=3)[0]) == 34
+    assert sample(ckpt, max_new_tokens=30, seed=3) == sample(ckpt, max_new_tokens=30, seed=3, use_cache=False)
+
+
+def test_last_and_best_name_the_newest_runs_files(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tiny_checkpoint.parents[2])  # where its run's checkpoints/ folder is
+    for name in ("last", "best"):
+        expected = sample_output(
+            capsys, "--ckpt_path", str(tiny_checkpoint.with_name(f"{name}.ckpt")), "--max_new_tokens", "20"
+        )
+        assert sample_output(capsys, "--ckpt_path", name, "--max_new_tokens", "20") == expected
