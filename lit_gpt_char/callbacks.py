@@ -21,6 +21,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_gpt_char.data import CharTokenizer, _mix
 from lit_gpt_char.errors import LitGPTCharError
+from lit_gpt_char.internals import (
+    evaluation_follows,
+    every_n_train_steps,
+    mark_saved,
+    save_last,
+    saved_step,
+    set_logging_step,
+    set_sigterm,
+)
 
 
 class SampleTextCallback(Callback):
@@ -152,7 +161,7 @@ class InterruptCheckpoint(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._signal, self._stopping, self._seen_step = None, False, trainer.global_step
         if trainer.received_sigterm:  # Lightning's handler got a SIGTERM in the sanity check: act on it at a step's end
-            trainer._signal_connector.received_sigterm = False
+            set_sigterm(trainer, False)
             self._signal = signal.SIGTERM
         if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
             self._previous = {signum: signal.signal(signum, self._receive) for signum in _SIGNAL_NAMES}
@@ -185,7 +194,7 @@ class InterruptCheckpoint(Callback):
         if stop and not self._stopping:
             self._stopping = True
             # Lightning raises SIGTERMException at the end of this batch, after its evaluation and checkpoints
-            trainer._signal_connector.received_sigterm = True
+            set_sigterm(trainer, True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore_handlers()  # before the Trainer's teardown puts back the handlers it found
@@ -225,12 +234,6 @@ def _shown(path: str | Path) -> str:
     return str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
 
 
-def evaluation_follows(trainer: Trainer) -> bool:
-    """Whether Lightning evaluates at the end of the batch under way (asked in on_train_batch_end)."""
-    loop = trainer.fit_loop
-    return loop.epoch_loop._should_check_val_fx(loop._data_fetcher)
-
-
 def last_checkpoint(trainer: Trainer) -> str:
     """The path of the newest last.ckpt this run wrote, or ""."""
     return next((cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.last_model_path), "")
@@ -261,7 +264,7 @@ class Checkpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         # the step a run resumes from is on disk already; saving it again would, under gradient accumulation,
         # write the state of the first micro-batch after resuming, in the middle of an accumulation window
-        self._last_global_step_saved = trainer.global_step
+        mark_saved(self, trainer.global_step)
         if self.monitor and self.best_k_models:
             self._rescore_from_disk(trainer)
 
@@ -285,7 +288,7 @@ class Checkpoint(ModelCheckpoint):
         self.kth_value = self.best_k_models[self.kth_best_model_path]
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        n = self._every_n_train_steps
+        n = every_n_train_steps(self)
         if n and trainer.global_step % n == 0 and evaluation_follows(trainer):
             # an evaluation follows at this step: save after it. Lightning resumes from a file written before the
             # evaluation by skipping it, so a run killed during that evaluation would never have it
@@ -308,8 +311,8 @@ class Checkpoint(ModelCheckpoint):
         self._save_last_if_new(trainer)
 
     def _save_last_if_new(self, trainer: Trainer) -> None:
-        if self.save_last and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.save_last and saved_step(self) != trainer.global_step:
+            save_last(self, trainer)
 
     @property
     def state_key(self) -> str:
@@ -425,7 +428,7 @@ class RunPolicy(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
         # Lightning writes what was logged when its counter of "batches that stepped" says so; that counter is one
         # ahead after resuming from a checkpoint written at an evaluation. Here it is what it means: the step
-        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+        set_logging_step(trainer, trainer.global_step)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
         every = trainer.log_every_n_steps

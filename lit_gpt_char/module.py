@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric
 from lit_gpt_char.callbacks import RunPolicy
 from lit_gpt_char.data import CharTokenizer
 from lit_gpt_char.errors import LitGPTCharError
+from lit_gpt_char.internals import accumulating
 from lit_gpt_char.model import GPT, GPTConfig
 from lit_gpt_char.optim import MuonAdamW
 
@@ -147,7 +148,7 @@ class LitGPT(LightningModule):
         self._train_loss_sum = loss.detach() + (self._train_loss_sum if self._train_loss_count else 0.0)
         self._train_loss_count += 1
         trainer = self.trainer
-        if trainer.accumulate_grad_batches > 1 and trainer.fit_loop.epoch_loop._should_accumulate():
+        if trainer.accumulate_grad_batches > 1 and accumulating(trainer):
             return loss  # not the window's last micro-batch: the optimizer steps (and the mean is logged) with that one
         every = trainer.log_every_n_steps
         if every and (self.global_step + 1) % every == 0:
