@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from argparse import Action
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,14 +35,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lit_gpt_char.callbacks import Checkpoint, InterruptCheckpoint, SampleTextCallback
 from lit_gpt_char.checkpoint import read_checkpoint
 from lit_gpt_char.data import ShakespeareDataModule
-from lit_gpt_char.distributed import agent_store, publish_run_name, published_run_name, slurm_run_name
+from lit_gpt_char.distributed import agent_store, publish_error, publish_run_name, published_run_name, slurm_run_name
 from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT
 from lit_gpt_char.monitor import LossChart, Throughput
 from lit_gpt_char.parser import CLIParser
 from lit_gpt_char.precision import allow_clipping_with_fused_optimizers
-from lit_gpt_char.runs import CHECKPOINTS, RUN_ENV, Run, claim, plan_run
+from lit_gpt_char.runs import CHECKPOINTS, RUN_ENV, Run, claim, hold, plan_run
 from lit_gpt_char.sample import sample_cli
 
 DESCRIPTION = (
@@ -71,15 +71,22 @@ class LitGPTCLI(LightningCLI):
         self._run: Optional[Run] = None
         self._ckpt: Optional[dict] = None  # the checkpoint to load, read and checked
         self._claimed: list[Path] = []  # folders this command created, removed again if the input is rejected
+        self._release = lambda: None  # lets go of the run's lock (rank 0 of a fit holds it)
+        self._names_the_run = False  # rank 0 of a fit: the job's other ranks wait for its run's name, or its error
         try:
             super().__init__(*args, **kwargs)
-        except BaseException:
+        except BaseException as err:
+            self._release()
+            if self._names_the_run:
+                publish_error(str(err) if isinstance(err, LitGPTCharError) else f"global rank 0 failed: {err!r}")
             if not self._held.released:  # failed on the user's input: nothing was written, nothing printed
                 self._held.discard()
                 for folder in self._claimed:
                     with contextlib.suppress(OSError):  # only if still empty
                         folder.rmdir()
             raise
+        else:
+            self._release()
         finally:
             if not self._is_child():
                 os.environ.pop(RUN_ENV, None)
@@ -164,20 +171,18 @@ class LitGPTCLI(LightningCLI):
         if config.ckpt_path in ("hpc", "registry"):
             raise LitGPTCharError(f"--ckpt_path {config.ckpt_path} is not supported here; pass last, best or a file")
         run_name = config.run_name
-        if self._is_child():
-            run_name = os.environ.get(RUN_ENV, run_name)
-            if subcommand == "fit" and run_name is None:
-                run_name = published_run_name()  # under torchrun: the run rank 0 chose
+        if self._is_child():  # the run rank 0 chose: from Lightning's environment or the torchrun/srun store
+            run_name = os.environ.get(RUN_ENV) or (published_run_name() if subcommand == "fit" else None) or run_name
+        elif subcommand == "fit":
+            self._names_the_run = True
+            # inside a SLURM job an unnamed run is the job's own, which a requeued job continues with --ckpt_path last
+            run_name = run_name or slurm_run_name()
         run = plan_run(config.ckpt_path, run_name)
-        if subcommand == "fit" and not run.name:  # a new run, to be numbered when claimed
-            slurm = slurm_run_name()  # every rank of an srun job can name it alike
-            if slurm is not None:
-                run = replace(run, name=slurm, checkpoint_dir=CHECKPOINTS / slurm)
-            elif self._is_child():
-                raise LitGPTCharError(
-                    "this process was started by an outside launcher that does not say which run rank 0 chose: "
-                    "give the job a --run_name"
-                )
+        if subcommand == "fit" and not run.name and self._is_child():
+            raise LitGPTCharError(
+                "this process was started by an outside launcher that does not say which run rank 0 chose: "
+                "give the job a --run_name"
+            )
         if subcommand != "fit" and run.resume_from is None:
             which = f"run {run_name}" if run_name else "no run in checkpoints/"
             raise LitGPTCharError(
@@ -241,7 +246,8 @@ class LitGPTCLI(LightningCLI):
             self._run = claim(self._run, log_root)
             if not self._run.continues:
                 self._claimed = [self._run.checkpoint_dir] + ([CHECKPOINTS] if created_root else [])
-            publish_run_name(self._run.name)  # under torchrun the other ranks wait for it
+            self._release = hold(self._run)  # one process at a time trains a run
+            publish_run_name(self._run.name)  # under torchrun or srun the other ranks wait for it
         run = self._run
         if tensorboard:
             logger.init_args.version = run.name

@@ -219,3 +219,40 @@ def test_a_rank_that_cannot_learn_the_run_says_so(corpus: Path, tmp_path: Path) 
     assert len(lines) == 1 and lines[0].startswith("error: this process was started by an outside launcher")
     assert lines[0].endswith("give the job a --run_name")
     assert not (work / "checkpoints").exists() and not (work / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_a_requeued_slurm_job_is_one_unbroken_run(corpus: Path, tmp_path: Path, tasks: int) -> None:
+    """The same srun command, as SLURM reruns it: killed before its first checkpoint, requeued, killed mid-run,
+    requeued again, it ends as the job's own run with the weights of an unbroken job, bit for bit, beside an older
+    job's run that it never touches; no task hangs."""
+    command = [sys.executable, *JOB, "--trainer.devices", str(tasks), "--data.path", str(corpus)]
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def srun(job: str, *extra: str) -> list[tuple[int, str, str]]:
+        env = {
+            "SLURM_JOB_ID": job, "SLURM_JOB_NAME": "lit-gpt-char", "SLURM_NTASKS": str(tasks), "SLURM_NNODES": "1",
+            "SLURM_NTASKS_PER_NODE": str(tasks), "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }  # fmt: skip
+        envs = [{**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)} for rank in range(tasks)]
+        return launch([command + list(extra)] * tasks, work, envs, timeout=150)
+
+    results = srun("100")  # an older job's run, in the same working directory
+    assert [status for status, _, _ in results] == [0] * tasks, results[0][2][-3000:]
+    older = work / "checkpoints" / "slurm_100"
+    expected = weights(older / "last.ckpt")
+    before = {p.name: p.read_bytes() for p in older.iterdir()}
+    for at_step in (5, 25):  # SIGKILL of the last task: before the first checkpoint, then after step-20.ckpt
+        lose = ["--trainer.callbacks+=tests.probes.LoseWorker", "--trainer.callbacks.at_step", str(at_step)]
+        results = srun("4242", *lose, "--trainer.callbacks.rank", str(tasks - 1))
+        assert results[-1][0] == -signal.SIGKILL, results[0][2][-3000:]
+    results = srun("4242")
+    assert [status for status, _, _ in results] == [0] * tasks, results[0][2][-3000:]
+    assert "run slurm_4242, resumed from checkpoints/slurm_4242/last.ckpt at step 20" in results[0][1]
+    final = weights(work / "checkpoints" / "slurm_4242" / "last.ckpt")
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[key], expected[key]) for key in expected)
+    assert sorted(os.listdir(work / "checkpoints")) == ["slurm_100", "slurm_4242"]
+    assert {p.name: p.read_bytes() for p in older.iterdir()} == before
