@@ -256,3 +256,23 @@ def test_a_requeued_slurm_job_is_one_unbroken_run(corpus: Path, tmp_path: Path, 
     assert all(torch.equal(final[key], expected[key]) for key in expected)
     assert sorted(os.listdir(work / "checkpoints")) == ["slurm_100", "slurm_4242"]
     assert {p.name: p.read_bytes() for p in older.iterdir()} == before
+
+
+def test_every_task_of_an_srun_job_stops_on_rank_0s_error(corpus: Path, tmp_path: Path) -> None:
+    """Rank 0 alone claims the run; when it cannot (the name is taken), the other task learns why from it and
+    stops with the same line instead of waiting for a process group rank 0 never joins."""
+    work = tmp_path / "work"
+    (work / "checkpoints" / "X").mkdir(parents=True)
+    command = [sys.executable, "-m", "lit_gpt_char", "fit", *TINY, "--data.path", str(corpus), "--run_name", "X"]
+    slurm = {
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "lit-gpt-char", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": str(free_port()),
+    }  # fmt: skip
+    envs = [{**slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)} for rank in (0, 1)]
+    results = launch([command + ["--trainer.devices", "2"]] * 2, work, envs, timeout=90)
+    assert [status for status, _, _ in results] == [2, 2]
+    for _, out, err in results:
+        assert printed(out + err) == [
+            "error: run X exists already (checkpoints/X); resume it with --ckpt_path last --run_name X, or choose "
+            "another --run_name"
+        ]
