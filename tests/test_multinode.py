@@ -276,3 +276,27 @@ def test_every_task_of_an_srun_job_stops_on_rank_0s_error(corpus: Path, tmp_path
             "error: run X exists already (checkpoints/X); resume it with --ckpt_path last --run_name X, or choose "
             "another --run_name"
         ]
+
+
+def test_the_example_sbatch_script_continues_its_run_when_submitted_again(corpus: Path, tmp_path: Path) -> None:
+    """examples/slurm.sbatch as sbatch would run it (with an srun that starts its one task here), submitted twice:
+    the second job (a new job id) continues the run the first one started, named after the job."""
+    work = tmp_path / "work"
+    (work / ".venv" / "bin").mkdir(parents=True)
+    (work / ".venv" / "bin" / "activate").write_text(f"PATH={Path(sys.executable).parent}:$PATH\n")
+    (work / "configs").symlink_to(ROOT / "configs")
+    (work / "bin").mkdir()
+    (work / "bin" / "srun").write_text('#!/bin/bash\nSLURM_PROCID=0 SLURM_LOCALID=0 exec "$@"\n')
+    (work / "bin" / "srun").chmod(0o755)
+    tiny = [*TINY, "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--data.path", str(corpus)]
+    slurm = {
+        "SLURM_SUBMIT_DIR": str(work), "SLURM_JOB_NAME": "lit-gpt-char", "SLURM_NNODES": "1",
+        "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1",
+        "PATH": f"{work / 'bin'}:{os.environ['PATH']}",
+    }  # fmt: skip
+    script = ["bash", str(ROOT / "examples" / "slurm.sbatch"), *tiny]
+    for job, steps in (("7", "10"), ("8", "20")):
+        [(status, out, err)] = launch([[*script, "--trainer.max_steps", steps]], work, [{**slurm, "SLURM_JOB_ID": job}])
+        assert status == 0, err[-3000:]
+    assert "run lit-gpt-char, resumed from checkpoints/lit-gpt-char/last.ckpt at step 10" in out
+    assert os.listdir(work / "checkpoints") == ["lit-gpt-char"]
