@@ -573,7 +573,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args[:1] == ["sample"]:
             sample_cli(args[1:], _prog())
         else:
-            agent_store()  # under torchrun: take this process's attempt ticket first thing (see agent_store)
+            agent_store()  # under torchrun or srun: join the store rank 0 hosts (rank 0: host it) first thing
             build_cli(argv)
     except (LitGPTCharError, MisconfigurationException) as err:
         print(f"error: {err}", file=sys.stderr)

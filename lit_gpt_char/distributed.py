@@ -6,10 +6,11 @@ and that store outlives the worker group. PyTorch's ``env://`` rendezvous assume
 (torch/distributed/rendezvous.py: "We create a new TCPStore for every retry so no need to add prefix"), so the
 restarted workers can read the addresses the dead group published and fail in gloo's ``connectFullMesh``
 ("Connection refused") or hang: measured here, a plain torch.distributed script under ``torchrun --max-restarts 1``
-with one worker killed survived 2 of 8 trials. :class:`ElasticDDPStrategy` puts the process group under a key
-prefix of its own for each restart attempt: 8 of 8 in the same trials. Through this project's CLI
-(benchmarks/lost_worker.py): 10 of 10 jobs finished bit-for-bit equal to an unbroken run, against 4 of 8 with
-Lightning's own DDPStrategy. It is what ``--trainer.strategy ddp`` means in this project.
+with one worker killed survived 2 of 8 trials. :class:`ElasticDDPStrategy` forms the process group on a store of
+each restart attempt's own, which global rank 0 hosts (with a key prefix per attempt in the agent's store instead:
+8 of 8 in the same trials; through this project's CLI, benchmarks/lost_worker.py, 10 of 10 jobs finished
+bit-for-bit equal to an unbroken run, against 4 of 8 with Lightning's own DDPStrategy). It is what
+``--trainer.strategy ddp`` means in this project.
 
 Under srun (without torchrun) global rank 0 hosts such a store itself, at the address Lightning's SLURMEnvironment
 gives the process group. Through it rank 0 (which claims ``checkpoints/RUN/``) hands the run's name to the other
@@ -22,6 +23,7 @@ import atexit
 import functools
 import os
 import time
+import uuid
 from datetime import timedelta
 from typing import Optional
 
@@ -32,40 +34,57 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
 from lit_gpt_char.errors import LitGPTCharError
 
-# where rank 0 publishes the run's name, under this attempt's prefix of torchrun's store
+# where rank 0 publishes the run's name (or its error) in the store it hosts
 _RUN_KEY = "lit_gpt_char/run_name"
 _TOLD_KEY = "lit_gpt_char/told"  # how many ranks have read it
+_HELLO, _WELCOME = "lit_gpt_char/hello", "lit_gpt_char/welcome"  # in torchrun's store: finding rank 0's
 # how long a rank waits for rank 0 to name the run (rank 0 may tokenize a large corpus first)
 _NAME_TIMEOUT = timedelta(minutes=30)
-# how long a failing srun rank 0 keeps its store up for the other ranks to read why (they may still be importing)
+# how long a failing rank 0 keeps its store up for the other ranks to read why (they may still be importing)
 _TOLD_TIMEOUT = 300
 
 
 @functools.lru_cache(maxsize=None)
 def agent_store() -> Optional[dist.Store]:
-    """The store the processes of a job started by torchrun or srun share before their process group exists: under
-    torchrun the agent's, seen under a prefix of this restart attempt's own; under srun one that global rank 0
-    hosts at the job's address; None for a single process or Lightning's own processes."""
+    """The store the processes of a job started by torchrun or srun share before their process group exists, hosted
+    by global rank 0, so it is new for every attempt and holds no key of an earlier one; None for a single process
+    or Lightning's own processes."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=_NAME_TIMEOUT
-        )
-        # Which attempt is this? TORCHELASTIC_RESTART_COUNT is per node: an agent whose own workers were healthy
-        # restarts them without counting (a peer node failed, or joined), so two nodes can disagree. Every worker
-        # of every attempt instead takes one ticket here, exactly once (lru_cache): the first WORLD_SIZE tickets
-        # are the first attempt's, the next WORLD_SIZE the second's, and so on, on every node alike. main() takes
-        # it first thing, so a worker lost at start-up has almost always taken it. Assumes the world size does not
-        # change between attempts (elastic jobs with fewer nodes after a failure are not handled).
-        ticket = store.add("lit_gpt_char/tickets", 1)
-        generation = (ticket - 1) // int(os.environ["WORLD_SIZE"])
-        return dist.PrefixStore(f"lit_gpt_char/generation_{generation}", store)
-    if _srun_tasks() > 1:
-        # a requeued job runs again on the same address: the new rank 0 hosts a new store, no stale keys
+        return _attempt_store()
+    if _srun_tasks() > 1:  # a requeued job runs again on the same address, with a new rank 0
         slurm = SLURMEnvironment()
         return dist.TCPStore(
             slurm.main_address, slurm.main_port, is_master=slurm.global_rank() == 0, timeout=_NAME_TIMEOUT
         )
     return None
+
+
+def _attempt_store() -> dist.Store:
+    """Under torchrun: a store that this restart attempt's global rank 0 hosts, found through the agent's.
+
+    The agent's store outlives the attempts, and nothing in it or in the workers' environment says which attempt a
+    worker belongs to on every node alike (TORCHELASTIC_RESTART_COUNT is per node: an agent whose own workers were
+    healthy restarts them without counting). So each process asks with a nonce of its own: rank r writes its nonce
+    under ``hello/r`` in the agent's store and waits for the port of rank 0's store under ``welcome/<nonce>``; rank 0
+    answers every hello it finds (a stale one from a dead attempt too, harmlessly) until every rank has joined its
+    store. No rank has to have reached any point in an earlier attempt.
+    """
+    address, world_size = os.environ["MASTER_ADDR"], int(os.environ["WORLD_SIZE"])
+    agent = dist.TCPStore(address, int(os.environ["MASTER_PORT"]), is_master=False, timeout=_NAME_TIMEOUT)
+    if os.environ["RANK"] == "0":
+        store = dist.TCPStore(address, 0, is_master=True, timeout=_NAME_TIMEOUT)
+        others = [str(rank) for rank in range(1, world_size)]
+        while not store.check([f"joined/{rank}" for rank in others]):
+            for rank in others:
+                if agent.check([f"{_HELLO}/{rank}"]):
+                    agent.set(f"{_WELCOME}/{agent.get(f'{_HELLO}/{rank}').decode()}", str(store.port))
+            time.sleep(0.1)
+        return store
+    nonce = uuid.uuid4().hex
+    agent.set(f"{_HELLO}/{os.environ['RANK']}", nonce)
+    store = dist.TCPStore(address, int(agent.get(f"{_WELCOME}/{nonce}")), is_master=False, timeout=_NAME_TIMEOUT)
+    store.set(f"joined/{os.environ['RANK']}", "")
+    return store
 
 
 def _srun_tasks() -> int:
@@ -90,18 +109,18 @@ def publish_run_name(name: str) -> None:
 
 def publish_error(message: str) -> None:
     """Global rank 0, failing before it named the run: the other ranks fail with the same message instead of
-    waiting for a process group rank 0 never joins. Under srun the store lives in this process: it waits (a
-    bounded time) until every rank has read the message."""
+    waiting for a process group rank 0 never joins. The store lives in this process: it waits (a bounded time)
+    until every rank has read the message."""
     store = agent_store()
     if store is None or os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
         return
     if store.check([_RUN_KEY]):  # the run was named: the other ranks are past this point
         return
     store.set(_RUN_KEY, "error " + message)
-    if _srun_tasks():
-        deadline = time.monotonic() + _TOLD_TIMEOUT
-        while store.add(_TOLD_KEY, 0) < _srun_tasks() - 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
+    others = int(os.environ.get("WORLD_SIZE") or os.environ["SLURM_NTASKS"]) - 1
+    deadline = time.monotonic() + _TOLD_TIMEOUT
+    while store.add(_TOLD_KEY, 0) < others and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def published_run_name() -> Optional[str]:
@@ -120,9 +139,9 @@ def published_run_name() -> Optional[str]:
 class ElasticDDPStrategy(DDPStrategy):
     """Lightning's DDP, with a process group that survives torchrun restarting the worker group.
 
-    Under torchrun with the agent's shared store, every restart attempt forms its process group under its own
-    key prefix of that store, so no rank reads an address the previous, dead group left there. Elsewhere
-    (Lightning's own processes, srun, a single process) it is Lightning's ``DDPStrategy`` unchanged.
+    Under torchrun and srun, every attempt forms its process group on the store its global rank 0 hosts
+    (:func:`agent_store`), so no rank reads an address a previous, dead group left. Elsewhere (Lightning's own
+    processes, a single process) it is Lightning's ``DDPStrategy`` unchanged.
     """
 
     def setup_distributed(self) -> None:

@@ -3,6 +3,7 @@ torchrun restarting a job that lost a worker, srun's environment, and a run resu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -58,14 +59,14 @@ def launch(commands: list[list[str]], cwd: Path, envs: list[dict], timeout: floa
             results.append((proc.returncode, out, err))
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
-            else:
-                try:  # workers a launcher left behind
-                    os.killpg(proc.pid, signal.SIGKILL)
+            # SIGTERM first: torchrun then ends its workers, which run in sessions of their own
+            for signum in (signal.SIGTERM, signal.SIGKILL):
+                try:  # also workers a launcher left behind in its group
+                    os.killpg(proc.pid, signum)
                 except ProcessLookupError:
-                    pass
+                    break
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.communicate(timeout=30)
     return results
 
 
@@ -300,3 +301,17 @@ def test_the_example_sbatch_script_continues_its_run_when_submitted_again(corpus
         assert status == 0, err[-3000:]
     assert "run lit-gpt-char, resumed from checkpoints/lit-gpt-char/last.ckpt at step 10" in out
     assert os.listdir(work / "checkpoints") == ["lit-gpt-char"]
+
+
+def test_torchrun_restarts_a_job_whose_worker_died_before_main(corpus: Path, tmp_path: Path) -> None:
+    """torchrun --max-restarts 1, and on the first attempt rank 1 dies while importing, after rank 0 took its part:
+    the restarted workers still form one process group, and the job ends at max_steps."""
+    work = tmp_path / "work"
+    work.mkdir()
+    job = torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "-m", "tests.slow_start", *JOB[2:])
+    job += ["--trainer.devices", "2", "--data.path", str(corpus), "--run_name", "X"]
+    [(status, out, err)] = launch([job], work, [{}], timeout=150)
+    assert status == 0, err[-3000:]
+    assert "(exitcode: -9) local_rank: 1" in err  # rank 1 did die on the first attempt
+    assert weights(work / "checkpoints" / "X" / "last.ckpt")
+    assert os.listdir(work / "checkpoints") == ["X"]
