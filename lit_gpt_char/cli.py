@@ -35,7 +35,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lit_gpt_char.callbacks import Checkpoint, InterruptCheckpoint, SampleTextCallback
 from lit_gpt_char.checkpoint import read_checkpoint
 from lit_gpt_char.data import ShakespeareDataModule
-from lit_gpt_char.distributed import agent_store, publish_error, publish_run_name, published_run_name, slurm_run_name
+from lit_gpt_char.distributed import job_store, publish_error, publish_run_name, published_run_name, slurm_run_name
 from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT
@@ -573,7 +573,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args[:1] == ["sample"]:
             sample_cli(args[1:], _prog())
         else:
-            agent_store()  # under torchrun or srun: join the store rank 0 hosts (rank 0: host it) first thing
+            job_store()  # under torchrun or srun: join the store rank 0 hosts (rank 0: host it) first thing
             build_cli(argv)
     except (LitGPTCharError, MisconfigurationException) as err:
         print(f"error: {err}", file=sys.stderr)

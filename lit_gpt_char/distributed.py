@@ -45,7 +45,7 @@ _TOLD_TIMEOUT = 300
 
 
 @functools.lru_cache(maxsize=None)
-def agent_store() -> Optional[dist.Store]:
+def job_store() -> Optional[dist.Store]:
     """The store the processes of a job started by torchrun or srun share before their process group exists, hosted
     by global rank 0, so it is new for every attempt and holds no key of an earlier one; None for a single process
     or Lightning's own processes."""
@@ -102,7 +102,7 @@ def slurm_run_name() -> Optional[str]:
 
 def publish_run_name(name: str) -> None:
     """Global rank 0: tell the job's other ranks which run this is (a no-op outside torchrun and srun)."""
-    store = agent_store()
+    store = job_store()
     if store is not None:
         store.set(_RUN_KEY, "run " + name)
 
@@ -111,10 +111,8 @@ def publish_error(message: str) -> None:
     """Global rank 0, failing before it named the run: the other ranks fail with the same message instead of
     waiting for a process group rank 0 never joins. The store lives in this process: it waits (a bounded time)
     until every rank has read the message."""
-    store = agent_store()
-    if store is None or os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
-        return
-    if store.check([_RUN_KEY]):  # the run was named: the other ranks are past this point
+    store = job_store()
+    if store is None or store.check([_RUN_KEY]):  # named: the other ranks are past this point
         return
     store.set(_RUN_KEY, "error " + message)
     others = int(os.environ.get("WORLD_SIZE") or os.environ["SLURM_NTASKS"]) - 1
@@ -126,7 +124,7 @@ def publish_error(message: str) -> None:
 def published_run_name() -> Optional[str]:
     """The run global rank 0 chose (waits until it has) under torchrun or srun; None elsewhere. Rank 0's error, if it
     failed first, is raised here."""
-    store = agent_store()
+    store = job_store()
     if store is None:
         return None
     kind, _, value = store.get(_RUN_KEY).decode().partition(" ")
@@ -140,12 +138,12 @@ class ElasticDDPStrategy(DDPStrategy):
     """Lightning's DDP, with a process group that survives torchrun restarting the worker group.
 
     Under torchrun and srun, every attempt forms its process group on the store its global rank 0 hosts
-    (:func:`agent_store`), so no rank reads an address a previous, dead group left. Elsewhere (Lightning's own
+    (:func:`job_store`), so no rank reads an address a previous, dead group left. Elsewhere (Lightning's own
     processes, a single process) it is Lightning's ``DDPStrategy`` unchanged.
     """
 
     def setup_distributed(self) -> None:
-        store = agent_store()
+        store = job_store()
         if store is not None and not dist.is_initialized():
             self.set_world_ranks()
             kwargs = {"timeout": self._timeout}
