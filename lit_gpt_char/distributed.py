@@ -95,7 +95,8 @@ def _srun_tasks() -> int:
 
 
 def slurm_run_name() -> Optional[str]:
-    """The run of this SLURM job (``slurm_<job id>``), which an unnamed run is inside one; None elsewhere."""
+    """Inside a SLURM job, the name an unnamed run gets: the job's, ``slurm_<job id>``, so a requeued job (same id)
+    finds its run; None elsewhere, also in an interactive allocation (Lightning's test)."""
     job = SLURMEnvironment.job_id() if SLURMEnvironment.detect() else None
     return f"slurm_{job}" if job is not None else None
 
