@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from argparse import Action
-from dataclasses import fields, replace
+from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -38,14 +38,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lit_gpt_char.callbacks import Checkpoint, InterruptCheckpoint, SampleTextCallback
 from lit_gpt_char.checkpoint import read_checkpoint
 from lit_gpt_char.data import ShakespeareDataModule
-from lit_gpt_char.distributed import agent_store, publish_run_name, published_run_name, slurm_run_name
+from lit_gpt_char.distributed import job_store, publish_error, publish_run_name, published_run_name, slurm_run_name
 from lit_gpt_char.errors import LitGPTCharError
+from lit_gpt_char.internals import keep_help_as_written, parser_actions, subcommand_choices, type_of, widen_type
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT, scaled_and_clipped
 from lit_gpt_char.monitor import LossChart, ProgressBar, Throughput
 from lit_gpt_char.parser import CLIParser
 from lit_gpt_char.precision import allow_clipping_with_fused_optimizers, auto_precision
-from lit_gpt_char.runs import CHECKPOINTS, RUN_ENV, Run, claim, plan_run
+from lit_gpt_char.runs import CHECKPOINTS, RUN_ENV, Run, claim, hold, plan_run
 from lit_gpt_char.sample import sample_cli
 
 DESCRIPTION = (
@@ -76,15 +77,22 @@ class LitGPTCLI(LightningCLI):
         self._claimed: list[Path] = []  # folders this command created, removed again if the input is rejected
         self._precision: Optional[str] = None  # what --trainer.precision auto resolved to
         self._notes: list[str] = []  # lines printed after the run's first line, once the input is checked
+        self._release = lambda: None  # lets go of the run's lock (rank 0 of a fit holds it)
+        self._names_the_run = False  # rank 0 of a fit: the job's other ranks wait for its run's name, or its error
         try:
             super().__init__(*args, **kwargs)
-        except BaseException:
+        except BaseException as err:
+            self._release()
+            if self._names_the_run:
+                publish_error(str(err) if isinstance(err, LitGPTCharError) else f"global rank 0 failed: {err!r}")
             if not self._held.released:  # failed on the user's input: nothing was written, nothing printed
                 self._held.discard()
                 for folder in self._claimed:
                     with contextlib.suppress(OSError):  # only if still empty
                         folder.rmdir()
             raise
+        else:
+            self._release()
         finally:
             if not self._is_child():
                 os.environ.pop(RUN_ENV, None)
@@ -99,7 +107,7 @@ class LitGPTCLI(LightningCLI):
         parser.usage = "%(prog)s [-h] [-c CONFIG] {fit,validate,test,sample} ..."  # main() runs sample itself
         # Lightning's help is the first line of Trainer.fit's docstring, cut mid-sentence, and generic text
         # about ckpt_path ("registry", "hpc"): say what these do here
-        for choice in parser._subcommands_action._choices_actions:
+        for choice in subcommand_choices(parser):
             choice.help = SUBCOMMAND_HELP[choice.dest]
         for name, subparser in self._subcommand_parsers.items():
             subparser.description = SUBCOMMAND_HELP[name]
@@ -126,13 +134,13 @@ class LitGPTCLI(LightningCLI):
         # "auto" beside Lightning's values: the precision the device computes natively (see _auto_precision).
         # jsonargparse has no public way to widen a class argument's type: its ActionTypeHint keeps it here
         precision = _set_help(parser, "trainer.precision", PRECISION_HELP)
-        precision._typehint = Optional[Union[Literal["auto"], precision._typehint]]
+        widen_type(precision, Optional[Union[Literal["auto"], type_of(precision)]])
         parser.add_lightning_class_args(SampleTextCallback, "sampling")
         # its default, a newline, would print as an invisible "default: \n": write it out (the help as given)
         prompt = _set_help(
             parser, "sampling.prompt", "Text the samples continue (type: str, default: '\\n', a newline)"
         )
-        prompt._jsonargparse_preexpanded_help = True
+        keep_help_as_written(prompt)
         # the run decides the folder of both checkpoint callbacks: no dirpath option to disagree with it
         for key, help in CHECKPOINT_GROUPS.items():
             parser.add_class_arguments(Checkpoint, key, fail_untyped=False, sub_configs=True, skip={"dirpath"})
@@ -174,20 +182,18 @@ class LitGPTCLI(LightningCLI):
         if config.ckpt_path in ("hpc", "registry"):
             raise LitGPTCharError(f"--ckpt_path {config.ckpt_path} is not supported here; pass last, best or a file")
         run_name = config.run_name
-        if self._is_child():
-            run_name = os.environ.get(RUN_ENV, run_name)
-            if subcommand == "fit" and run_name is None:
-                run_name = published_run_name()  # under torchrun: the run rank 0 chose
+        if self._is_child():  # the run rank 0 chose: from Lightning's environment or the torchrun/srun store
+            run_name = os.environ.get(RUN_ENV) or (published_run_name() if subcommand == "fit" else None) or run_name
+        elif subcommand == "fit":
+            self._names_the_run = True
+            # inside a SLURM job an unnamed run is the job's own, which a requeued job continues with --ckpt_path last
+            run_name = run_name or slurm_run_name()
         run = plan_run(config.ckpt_path, run_name)
-        if subcommand == "fit" and not run.name:  # a new run, to be numbered when claimed
-            slurm = slurm_run_name()  # every rank of an srun job can name it alike
-            if slurm is not None:
-                run = replace(run, name=slurm, checkpoint_dir=CHECKPOINTS / slurm)
-            elif self._is_child():
-                raise LitGPTCharError(
-                    "this process was started by an outside launcher that does not say which run rank 0 chose: "
-                    "give the job a --run_name"
-                )
+        if subcommand == "fit" and not run.name and self._is_child():
+            raise LitGPTCharError(
+                "this process was started by an outside launcher that does not say which run rank 0 chose: "
+                "give the job a --run_name"
+            )
         if subcommand != "fit" and run.resume_from is None:
             which = f"run {run_name}" if run_name else "no run in checkpoints/"
             raise LitGPTCharError(
@@ -267,7 +273,8 @@ class LitGPTCLI(LightningCLI):
             self._run = claim(self._run, log_root)
             if not self._run.continues:
                 self._claimed = [self._run.checkpoint_dir] + ([CHECKPOINTS] if created_root else [])
-            publish_run_name(self._run.name)  # under torchrun the other ranks wait for it
+            self._release = hold(self._run)  # one process at a time trains a run
+            publish_run_name(self._run.name)  # under torchrun or srun the other ranks wait for it
         run = self._run
         if tensorboard:
             logger.init_args.version = run.name
@@ -482,7 +489,7 @@ def _name_options(message: str) -> str:
 
 
 def _set_help(parser: LightningArgumentParser, dest: str, help: str) -> Action:
-    action = next(action for action in parser._actions if action.dest == dest)
+    action = next(action for action in parser_actions(parser) if action.dest == dest)
     action.help = help
     return action
 
@@ -657,7 +664,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args[:1] == ["sample"]:
             sample_cli(args[1:], _prog())
         else:
-            agent_store()  # under torchrun: take this process's attempt ticket first thing (see agent_store)
+            job_store()  # under torchrun or srun: join the store rank 0 hosts (rank 0: host it) first thing
             build_cli(argv)
     except (LitGPTCharError, MisconfigurationException) as err:
         print(f"error: {err}", file=sys.stderr)

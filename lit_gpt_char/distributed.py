@@ -6,14 +6,15 @@ and that store outlives the worker group. PyTorch's ``env://`` rendezvous assume
 (torch/distributed/rendezvous.py: "We create a new TCPStore for every retry so no need to add prefix"), so the
 restarted workers can read the addresses the dead group published and fail in gloo's ``connectFullMesh``
 ("Connection refused") or hang: measured here, a plain torch.distributed script under ``torchrun --max-restarts 1``
-with one worker killed survived 2 of 8 trials. :class:`ElasticDDPStrategy` puts the process group under a key
-prefix of its own for each restart attempt: 8 of 8 in the same trials. Through this project's CLI
-(benchmarks/lost_worker.py): 10 of 10 jobs finished bit-for-bit equal to an unbroken run, against 4 of 8 with
-Lightning's own DDPStrategy. It is what ``--trainer.strategy ddp`` means in this project.
+with one worker killed survived 2 of 8 trials. :class:`ElasticDDPStrategy` forms the process group on a store of
+each restart attempt's own, which global rank 0 hosts (with a key prefix per attempt in the agent's store instead:
+8 of 8 in the same trials; through this project's CLI, benchmarks/lost_worker.py, 10 of 10 jobs finished
+bit-for-bit equal to an unbroken run, against 4 of 8 with Lightning's own DDPStrategy). It is what
+``--trainer.strategy ddp`` means in this project.
 
-The same store hands the run's name from global rank 0 (which claims ``checkpoints/RUN/``) to the other ranks. Under
-srun without torchrun there is no store before the process group exists; a new unnamed run is then called
-``slurm_<job id>`` on every rank.
+Under srun (without torchrun) global rank 0 hosts such a store itself, at the address Lightning's SLURMEnvironment
+gives the process group. Through it rank 0 (which claims ``checkpoints/RUN/``) hands the run's name to the other
+ranks, or its error, so that a rank 0 that fails on the user's input never leaves the others waiting for it.
 """
 
 from __future__ import annotations
@@ -21,69 +22,129 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import time
+import uuid
 from datetime import timedelta
 from typing import Optional
 
 import torch.distributed as dist
-from lightning.fabric.utilities.distributed import _destroy_dist_connection
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
-# where rank 0 publishes the run's name, under this attempt's prefix of torchrun's store
+from lit_gpt_char.errors import LitGPTCharError
+from lit_gpt_char.internals import destroy_dist_connection
+
+# where rank 0 publishes the run's name (or its error) in the store it hosts
 _RUN_KEY = "lit_gpt_char/run_name"
+_TOLD_KEY = "lit_gpt_char/told"  # how many ranks have read it
+_HELLO, _WELCOME = "lit_gpt_char/hello", "lit_gpt_char/welcome"  # in torchrun's store: finding rank 0's
 # how long a rank waits for rank 0 to name the run (rank 0 may tokenize a large corpus first)
 _NAME_TIMEOUT = timedelta(minutes=30)
+# how long a failing rank 0 keeps its store up for the other ranks to read why (they may still be importing)
+_TOLD_TIMEOUT = 300
 
 
 @functools.lru_cache(maxsize=None)
-def agent_store() -> Optional[dist.Store]:
-    """torchrun's rendezvous store, seen under a prefix of this restart attempt's own; None if not under torchrun."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=_NAME_TIMEOUT
-    )
-    # Which attempt is this? TORCHELASTIC_RESTART_COUNT is per node: an agent whose own workers were healthy
-    # restarts them without counting (a peer node failed, or joined), so two nodes can disagree. Every worker
-    # of every attempt instead takes one ticket here, exactly once (lru_cache): the first WORLD_SIZE tickets
-    # are the first attempt's, the next WORLD_SIZE the second's, and so on, on every node alike. main() takes it
-    # first thing, so a worker lost at start-up has almost always taken it. Assumes the world size does not change
-    # between attempts (elastic jobs with fewer nodes after a failure are not handled).
-    ticket = store.add("lit_gpt_char/tickets", 1)
-    generation = (ticket - 1) // int(os.environ["WORLD_SIZE"])
-    return dist.PrefixStore(f"lit_gpt_char/generation_{generation}", store)
+def job_store() -> Optional[dist.Store]:
+    """The store the processes of a job started by torchrun or srun share before their process group exists, hosted
+    by global rank 0, so it is new for every attempt and holds no key of an earlier one; None for a single process
+    or Lightning's own processes."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return _attempt_store()
+    if _srun_tasks() > 1:  # a requeued job runs again on the same address, with a new rank 0
+        slurm = SLURMEnvironment()
+        return dist.TCPStore(
+            slurm.main_address, slurm.main_port, is_master=slurm.global_rank() == 0, timeout=_NAME_TIMEOUT
+        )
+    return None
 
 
-def publish_run_name(name: str) -> None:
-    """Global rank 0: tell the job's other ranks which run this is (under torchrun; a no-op otherwise)."""
-    store = agent_store()
-    if store is not None:
-        store.set(_RUN_KEY, name)
+def _attempt_store() -> dist.Store:
+    """Under torchrun: a store that this restart attempt's global rank 0 hosts, found through the agent's.
+
+    The agent's store outlives the attempts, and nothing in it or in the workers' environment says which attempt a
+    worker belongs to on every node alike (TORCHELASTIC_RESTART_COUNT is per node: an agent whose own workers were
+    healthy restarts them without counting). So each process asks with a nonce of its own: rank r writes its nonce
+    under ``hello/r`` in the agent's store and waits for the port of rank 0's store under ``welcome/<nonce>``; rank 0
+    answers every hello it finds (a stale one from a dead attempt too, harmlessly) until every rank has joined its
+    store. No rank has to have reached any point in an earlier attempt.
+    """
+    address, world_size = os.environ["MASTER_ADDR"], int(os.environ["WORLD_SIZE"])
+    agent = dist.TCPStore(address, int(os.environ["MASTER_PORT"]), is_master=False, timeout=_NAME_TIMEOUT)
+    if os.environ["RANK"] == "0":
+        store = dist.TCPStore(address, 0, is_master=True, timeout=_NAME_TIMEOUT)
+        others = [str(rank) for rank in range(1, world_size)]
+        while not store.check([f"joined/{rank}" for rank in others]):
+            for rank in others:
+                if agent.check([f"{_HELLO}/{rank}"]):
+                    agent.set(f"{_WELCOME}/{agent.get(f'{_HELLO}/{rank}').decode()}", str(store.port))
+            time.sleep(0.1)
+        return store
+    nonce = uuid.uuid4().hex
+    agent.set(f"{_HELLO}/{os.environ['RANK']}", nonce)
+    store = dist.TCPStore(address, int(agent.get(f"{_WELCOME}/{nonce}")), is_master=False, timeout=_NAME_TIMEOUT)
+    store.set(f"joined/{os.environ['RANK']}", "")
+    return store
 
 
-def published_run_name() -> Optional[str]:
-    """Under torchrun, the run global rank 0 chose (waits until it has); None elsewhere."""
-    store = agent_store()
-    return store.get(_RUN_KEY).decode() if store is not None else None
+def _srun_tasks() -> int:
+    """How many tasks srun started for this job step (without torchrun); 0 if none."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or not SLURMEnvironment.detect():
+        return 0
+    return int(os.environ["SLURM_NTASKS"])
 
 
 def slurm_run_name() -> Optional[str]:
-    """The name every rank of a several-task srun job gives a new unnamed run: ``slurm_<job id>``; None elsewhere
-    (outside SLURM, a one-task job, or torchrun inside SLURM, whose ranks learn the name from rank 0)."""
-    job = os.environ.get("SLURM_JOB_ID")
-    several = int(os.environ.get("SLURM_NTASKS", "1") or "1") > 1
-    return f"slurm_{job}" if job and several and "TORCHELASTIC_RUN_ID" not in os.environ else None
+    """Inside a SLURM job, the name an unnamed run gets: the job's, ``slurm_<job id>``, so a requeued job (same id)
+    finds its run; None elsewhere, also in an interactive allocation (Lightning's test)."""
+    job = SLURMEnvironment.job_id() if SLURMEnvironment.detect() else None
+    return f"slurm_{job}" if job is not None else None
+
+
+def publish_run_name(name: str) -> None:
+    """Global rank 0: tell the job's other ranks which run this is (a no-op outside torchrun and srun)."""
+    store = job_store()
+    if store is not None:
+        store.set(_RUN_KEY, "run " + name)
+
+
+def publish_error(message: str) -> None:
+    """Global rank 0, failing before it named the run: the other ranks fail with the same message instead of
+    waiting for a process group rank 0 never joins. The store lives in this process: it waits (a bounded time)
+    until every rank has read the message."""
+    store = job_store()
+    if store is None or store.check([_RUN_KEY]):  # named: the other ranks are past this point
+        return
+    store.set(_RUN_KEY, "error " + message)
+    others = int(os.environ.get("WORLD_SIZE") or os.environ["SLURM_NTASKS"]) - 1
+    deadline = time.monotonic() + _TOLD_TIMEOUT
+    while store.add(_TOLD_KEY, 0) < others and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def published_run_name() -> Optional[str]:
+    """The run global rank 0 chose (waits until it has) under torchrun or srun; None elsewhere. Rank 0's error, if it
+    failed first, is raised here."""
+    store = job_store()
+    if store is None:
+        return None
+    kind, _, value = store.get(_RUN_KEY).decode().partition(" ")
+    store.add(_TOLD_KEY, 1)
+    if kind == "error":
+        raise LitGPTCharError(value)
+    return value
 
 
 class ElasticDDPStrategy(DDPStrategy):
     """Lightning's DDP, with a process group that survives torchrun restarting the worker group.
 
-    Under torchrun with the agent's shared store, every restart attempt forms its process group under its own
-    key prefix of that store, so no rank reads an address the previous, dead group left there. Elsewhere
-    (Lightning's own processes, srun, a single process) it is Lightning's ``DDPStrategy`` unchanged.
+    Under torchrun and srun, every attempt forms its process group on the store its global rank 0 hosts
+    (:func:`job_store`), so no rank reads an address a previous, dead group left. Elsewhere (Lightning's own
+    processes, a single process) it is Lightning's ``DDPStrategy`` unchanged.
     """
 
     def setup_distributed(self) -> None:
-        store = agent_store()
+        store = job_store()
         if store is not None and not dist.is_initialized():
             self.set_world_ranks()
             kwargs = {"timeout": self._timeout}
@@ -97,7 +158,7 @@ class ElasticDDPStrategy(DDPStrategy):
                 **kwargs,
             )
             if self._get_process_group_backend() == "nccl":  # as Lightning does for the groups it creates
-                atexit.register(_destroy_dist_connection)
+                atexit.register(destroy_dist_connection)
         super().setup_distributed()  # Lightning's own set-up; it finds the group initialised and keeps it
 
 

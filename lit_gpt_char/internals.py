@@ -2,9 +2,10 @@
 
 Each function says what it needs and why no public API does it. ``lightning`` and ``jsonargparse`` are pinned to
 the minor releases the suite runs (pyproject.toml); tests/test_internals.py fails, naming the attribute, if a new
-release moves one of these. Beyond these calls the project overrides two private methods of LightningCLI
-(``_add_subcommands``, ``_parse_ckpt_path``, in cli.py) and calls three of ModelCheckpoint through the functions
-below; the same test names them.
+release moves one of these. Beyond these calls, subclasses use their base class's private members where they are:
+LitGPTCLI (cli.py) overrides LightningCLI's ``_add_subcommands`` and ``_parse_ckpt_path``; ElasticDDPStrategy
+(distributed.py) calls DDPStrategy's ``_get_process_group_backend`` and reads its ``_timeout``; the same test names
+them.
 """
 
 from __future__ import annotations

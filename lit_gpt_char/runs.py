@@ -4,7 +4,8 @@
 
 A new run claims its checkpoint folder with one atomic ``mkdir`` (two runs started together get
 different names), so it never writes into another run's folders. Resuming a run's checkpoint continues
-that run: the same folders, and TensorBoard is told to drop what was logged after the checkpoint.
+that run: the same folders, and TensorBoard is told to drop what was logged after the checkpoint. While a
+run trains, its process holds a lock in its checkpoint folder, so no second process continues it at once.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+from filelock import FileLock, Timeout
 
 from lit_gpt_char.errors import LitGPTCharError
 
@@ -97,8 +100,11 @@ def claim(run: Run, log_root: Optional[Path], root: Path = CHECKPOINTS) -> Run:
         return run
     if run.name:
         try:
-            if log_root is not None and (log_root / run.name).exists():
-                raise FileExistsError
+            if log_root is not None and (log_root / run.name).exists() and not run.checkpoint_dir.exists():
+                raise LitGPTCharError(
+                    f"run {run.name} has logs ({log_root / run.name}) but no checkpoints ({run.checkpoint_dir}): "
+                    f"there is nothing to resume; choose another --run_name, or delete its logs to start it over"
+                )
             run.checkpoint_dir.mkdir(parents=True)
         except FileExistsError:
             raise LitGPTCharError(
@@ -119,3 +125,25 @@ def claim(run: Run, log_root: Optional[Path], root: Path = CHECKPOINTS) -> Run:
             except FileExistsError:
                 pass
         version += 1
+
+
+def hold(run: Run) -> Callable[[], None]:
+    """Lock ``run``'s checkpoint folder for as long as this process trains it; the function that lets it go.
+
+    The lock is the operating system's (flock): it dies with the process, also with a ``kill -9``.
+    """
+    path = run.checkpoint_dir / ".lock"
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LitGPTCharError(
+            f"run {run.name} is in use: another process is training it ({path} is locked); wait until it ends, or "
+            f"choose another --run_name"
+        ) from None
+
+    def release() -> None:
+        path.unlink(missing_ok=True)  # while still held, so no other process locks the file that goes
+        lock.release()
+
+    return release

@@ -8,10 +8,12 @@ import inspect
 from typing import Optional
 
 import pytest
+import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import DDPStrategy
 
 from lit_gpt_char import internals
 
@@ -45,9 +47,12 @@ def test_model_checkpoint_internals(name: str) -> None:
     assert hasattr(ModelCheckpoint(), name), f"lightning: ModelCheckpoint.{name} is gone"
 
 
-def test_overridden_lightning_cli_methods_keep_their_signatures() -> None:
+def test_private_members_subclasses_use() -> None:
     assert list(inspect.signature(LightningCLI._add_subcommands).parameters) == ["self", "parser", "kwargs"]
     assert list(inspect.signature(LightningCLI._parse_ckpt_path).parameters) == ["self"]
+    ddp = DDPStrategy(parallel_devices=[torch.device("cpu")])
+    assert ddp._get_process_group_backend() == "gloo", "lightning: DDPStrategy._get_process_group_backend"
+    assert hasattr(ddp, "_timeout"), "lightning: DDPStrategy._timeout is gone"
 
 
 def test_jsonargparse_internals() -> None:

@@ -3,6 +3,7 @@ torchrun restarting a job that lost a worker, srun's environment, and a run resu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -58,14 +59,14 @@ def launch(commands: list[list[str]], cwd: Path, envs: list[dict], timeout: floa
             results.append((proc.returncode, out, err))
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
-            else:
-                try:  # workers a launcher left behind
-                    os.killpg(proc.pid, signal.SIGKILL)
+            # SIGTERM first: torchrun then ends its workers, which run in sessions of their own
+            for signum in (signal.SIGTERM, signal.SIGKILL):
+                try:  # also workers a launcher left behind in its group
+                    os.killpg(proc.pid, signum)
                 except ProcessLookupError:
-                    pass
+                    break
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.communicate(timeout=30)
     return results
 
 
@@ -219,3 +220,98 @@ def test_a_rank_that_cannot_learn_the_run_says_so(corpus: Path, tmp_path: Path) 
     assert len(lines) == 1 and lines[0].startswith("error: this process was started by an outside launcher")
     assert lines[0].endswith("give the job a --run_name")
     assert not (work / "checkpoints").exists() and not (work / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_a_requeued_slurm_job_is_one_unbroken_run(corpus: Path, tmp_path: Path, tasks: int) -> None:
+    """The same srun command, as SLURM reruns it: killed before its first checkpoint, requeued, killed mid-run,
+    requeued again, it ends as the job's own run with the weights of an unbroken job, bit for bit, beside an older
+    job's run that it never touches; no task hangs."""
+    command = [sys.executable, *JOB, "--trainer.devices", str(tasks), "--data.path", str(corpus)]
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def srun(job: str, *extra: str) -> list[tuple[int, str, str]]:
+        env = {
+            "SLURM_JOB_ID": job, "SLURM_JOB_NAME": "lit-gpt-char", "SLURM_NTASKS": str(tasks), "SLURM_NNODES": "1",
+            "SLURM_NTASKS_PER_NODE": str(tasks), "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }  # fmt: skip
+        envs = [{**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)} for rank in range(tasks)]
+        return launch([command + list(extra)] * tasks, work, envs, timeout=150)
+
+    results = srun("100")  # an older job's run, in the same working directory
+    assert [status for status, _, _ in results] == [0] * tasks, results[0][2][-3000:]
+    older = work / "checkpoints" / "slurm_100"
+    expected = weights(older / "last.ckpt")
+    before = {p.name: p.read_bytes() for p in older.iterdir()}
+    for at_step in (5, 25):  # SIGKILL of the last task: before the first checkpoint, then after step-20.ckpt
+        lose = ["--trainer.callbacks+=tests.probes.LoseWorker", "--trainer.callbacks.at_step", str(at_step)]
+        results = srun("4242", *lose, "--trainer.callbacks.rank", str(tasks - 1))
+        assert results[-1][0] == -signal.SIGKILL, results[0][2][-3000:]
+    results = srun("4242")
+    assert [status for status, _, _ in results] == [0] * tasks, results[0][2][-3000:]
+    assert "run slurm_4242, resumed from checkpoints/slurm_4242/last.ckpt at step 20" in results[0][1]
+    final = weights(work / "checkpoints" / "slurm_4242" / "last.ckpt")
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[key], expected[key]) for key in expected)
+    assert sorted(os.listdir(work / "checkpoints")) == ["slurm_100", "slurm_4242"]
+    assert {p.name: p.read_bytes() for p in older.iterdir()} == before
+
+
+def test_every_task_of_an_srun_job_stops_on_rank_0s_error(corpus: Path, tmp_path: Path) -> None:
+    """Rank 0 alone claims the run; when it cannot (the name is taken), the other task learns why from it and
+    stops with the same line instead of waiting for a process group rank 0 never joins."""
+    work = tmp_path / "work"
+    (work / "checkpoints" / "X").mkdir(parents=True)
+    command = [sys.executable, "-m", "lit_gpt_char", "fit", *TINY, "--data.path", str(corpus), "--run_name", "X"]
+    slurm = {
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "lit-gpt-char", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": str(free_port()),
+    }  # fmt: skip
+    envs = [{**slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)} for rank in (0, 1)]
+    results = launch([command + ["--trainer.devices", "2"]] * 2, work, envs, timeout=90)
+    assert [status for status, _, _ in results] == [2, 2]
+    for _, out, err in results:
+        assert printed(out + err) == [
+            "error: run X exists already (checkpoints/X); resume it with --ckpt_path last --run_name X, or choose "
+            "another --run_name"
+        ]
+
+
+def test_the_example_sbatch_script_continues_its_run_when_submitted_again(corpus: Path, tmp_path: Path) -> None:
+    """examples/slurm.sbatch as sbatch would run it (with an srun that starts its one task here), submitted twice:
+    the second job (a new job id) continues the run the first one started, named after the job."""
+    work = tmp_path / "work"
+    (work / ".venv" / "bin").mkdir(parents=True)
+    (work / ".venv" / "bin" / "activate").write_text(f"PATH={Path(sys.executable).parent}:$PATH\n")
+    (work / "configs").symlink_to(ROOT / "configs")
+    (work / "bin").mkdir()
+    (work / "bin" / "srun").write_text('#!/bin/bash\nSLURM_PROCID=0 SLURM_LOCALID=0 exec "$@"\n')
+    (work / "bin" / "srun").chmod(0o755)
+    tiny = [*TINY, "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--data.path", str(corpus)]
+    slurm = {
+        "SLURM_SUBMIT_DIR": str(work), "SLURM_JOB_NAME": "lit-gpt-char", "SLURM_NNODES": "1",
+        "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1",
+        "PATH": f"{work / 'bin'}:{os.environ['PATH']}",
+    }  # fmt: skip
+    script = ["bash", str(ROOT / "examples" / "slurm.sbatch"), *tiny]
+    for job, steps in (("7", "10"), ("8", "20")):
+        [(status, out, err)] = launch([[*script, "--trainer.max_steps", steps]], work, [{**slurm, "SLURM_JOB_ID": job}])
+        assert status == 0, err[-3000:]
+    assert "run lit-gpt-char, resumed from checkpoints/lit-gpt-char/last.ckpt at step 10" in out
+    assert os.listdir(work / "checkpoints") == ["lit-gpt-char"]
+
+
+def test_torchrun_restarts_a_job_whose_worker_died_before_main(corpus: Path, tmp_path: Path) -> None:
+    """torchrun --max-restarts 1, and on the first attempt rank 1 dies while importing, after rank 0 took its part:
+    the restarted workers still form one process group, and the job ends at max_steps."""
+    work = tmp_path / "work"
+    work.mkdir()
+    job = torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "-m", "tests.slow_start", *JOB[2:])
+    job += ["--trainer.devices", "2", "--data.path", str(corpus), "--run_name", "X"]
+    [(status, out, err)] = launch([job], work, [{}], timeout=150)
+    assert status == 0, err[-3000:]
+    assert "(exitcode: -9) local_rank: 1" in err  # rank 1 did die on the first attempt
+    assert weights(work / "checkpoints" / "X" / "last.ckpt")
+    assert os.listdir(work / "checkpoints") == ["X"]

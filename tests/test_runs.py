@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -308,3 +309,47 @@ def test_resume_on_more_devices(corpus: Path, tmp_path: Path) -> None:
     assert "sync_dist" not in result.stderr  # val/loss is synced by torchmetrics: no warning that it is not
     assert torch.load(tmp_path / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == 20
     assert _steps(tmp_path / "lightning_logs" / "version_0")["val/loss"] == [10, 20]
+
+
+@pytest.mark.slow
+def test_one_process_at_a_time_trains_a_run(corpus: Path, workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two processes continuing run X at once: the second says X is in use and writes nothing; the lock dies with
+    the first process, also with a kill -9."""
+    assert _fit(corpus, "--run_name", "X") == 0
+    resume = [
+        sys.executable, "-m", "lit_gpt_char", "fit", *FAST, "--data.path", str(corpus), "--ckpt_path", "last",
+        "--run_name", "X", "--trainer.val_check_interval", "1000",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(
+        [*resume, "--trainer.max_steps", "100000"], cwd=workdir, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert first.stdout.readline().startswith("run X, resumed from checkpoints/X/last.ckpt at step 10")
+        second = subprocess.run(resume, cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None  # still training X
+    finally:
+        first.kill()
+        first.communicate()
+    assert second.returncode == 2
+    assert printed(second.stdout + second.stderr) == [
+        "error: run X is in use: another process is training it (checkpoints/X/.lock is locked); wait until it ends, "
+        "or choose another --run_name"
+    ]
+    assert len(list((workdir / "lightning_logs" / "X").glob("config-resumed-*"))) == 1  # the first process's only
+    assert len(list((workdir / "lightning_logs" / "X").glob("events.*"))) == 2
+    capsys.readouterr()
+    assert _fit(corpus, "--ckpt_path", "last", "--run_name", "X") == 0  # the SIGKILLed process held it no more
+    assert not (workdir / "checkpoints" / "X" / ".lock").exists()
+
+
+def test_a_run_with_logs_but_no_checkpoints_says_so(corpus: Path, workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert _fit(corpus, "--run_name", "X") == 0
+    shutil.rmtree(workdir / "checkpoints" / "X")
+    capsys.readouterr()
+    assert _fit(corpus, "--ckpt_path", "last", "--run_name", "X") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: run X has logs (lightning_logs/X) but no checkpoints (checkpoints/X): there is nothing to resume; "
+        "choose another --run_name, or delete its logs to start it over"
+    ]
+    assert not (workdir / "checkpoints" / "X").exists()
