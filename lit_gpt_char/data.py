@@ -13,12 +13,8 @@ batch being drawn.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
 import re
-import tempfile
 import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
@@ -98,40 +94,23 @@ class CharTokenizer:
 
 
 def download(url: str, dest: Path, sha256: Optional[str]) -> None:
-    """Fetch ``url`` to ``dest``; nothing is left behind unless the whole file arrived and its hash checks out.
-
-    The file streams to a temporary file beside ``dest`` (memory stays small whatever its size) while
-    its sha256 is computed; it is renamed into place only once verified, so an interrupted or failed
-    download never leaves a partial corpus (nor the folders made for it).
-    """
-    created: list[Path] = []
-    tmp_name: Optional[str] = None
+    """Fetch ``url`` to ``dest`` (torch.hub streams it to a temporary file beside ``dest`` and renames it into
+    place once its sha256 checks out): a failed download leaves nothing behind, nor the folders made for it."""
+    created = make_dirs(dest.parent)
     try:
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                created = make_dirs(dest.parent)
-                fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-                hasher = hashlib.sha256()
-                with os.fdopen(fd, "wb") as out:
-                    while block := response.read(1 << 20):
-                        hasher.update(block)
-                        out.write(block)
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
-            raise LitGPTCharError(
-                f"could not download the corpus from {url} ({reason}). Put the file at {dest}, "
-                f"or pass --data.path FILE to train on a local text file, or --data.url URL for another source"
-            ) from None
-        if sha256 is not None and (got := hasher.hexdigest()) != sha256:
-            raise LitGPTCharError(
-                f"the file downloaded from {url} has sha256 {got}, expected {sha256}; nothing was saved. "
-                f"Check --data.url, or pass --data.sha256 null to skip the check"
-            )
-        os.replace(tmp_name, dest)
-        tmp_name = None
+        torch.hub.download_url_to_file(url, str(dest), hash_prefix=sha256, progress=False)
+    except RuntimeError:  # the hash
+        raise LitGPTCharError(
+            f"the file downloaded from {url} does not have the sha256 expected {sha256}; nothing was saved. "
+            f"Check --data.url, or pass --data.sha256 null to skip the check"
+        ) from None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
+        raise LitGPTCharError(
+            f"could not download the corpus from {url} ({reason}). Put the file at {dest}, "
+            f"or pass --data.path FILE to train on a local text file, or --data.url URL for another source"
+        ) from None
     finally:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
         if not dest.exists():
             for d in created:
                 with contextlib.suppress(OSError):
@@ -369,7 +348,9 @@ class ShakespeareDataModule(LightningDataModule):
         vocabulary). Mapping the cache costs nothing: this process maps it too."""
         self._load()
 
-    def _token_store(self) -> TokenStore:
+    @property
+    def store(self) -> TokenStore:
+        """The corpus's token store (its cache entry and memory map), built first if needed."""
         if self._store is None:
             store = open_store(self._corpus(), self.cache_dir)
             if len(store.vocab) > self.max_vocab:
@@ -378,28 +359,16 @@ class ShakespeareDataModule(LightningDataModule):
                     f"{self.max_vocab:,} (the model embeds each one); check that the corpus is the text you mean, "
                     f"or raise --data.max_vocab"
                 )
-            if self.strict and store.meta["skipped"]:
-                name, why = store.meta["skipped"][0]
-                raise LitGPTCharError(
-                    f"file {name} in corpus directory {self.path} is not UTF-8 text: {why} "
-                    f"(--data.strict true; without it, such files are skipped)"
-                )
             self._store = store
         return self._store
 
     def _load(self) -> tuple[CharTokenizer, torch.Tensor]:
-        """The tokenizer and the memory-mapped ids, from the cache (built first if needed), once."""
+        """The tokenizer and the memory-mapped ids, once."""
         if self._tokenizer is None:
-            store = self._token_store()
-            self._tokenizer, self._ids = CharTokenizer(store.vocab), store.ids
+            self._tokenizer, self._ids = CharTokenizer(self.store.vocab), self.store.ids
             self._split_ids()  # fail on a too-short split now, before anything is built or written
         assert self._ids is not None
         return self._tokenizer, self._ids
-
-    @property
-    def store(self) -> TokenStore:
-        """The corpus's token store (its cache entry and memory map)."""
-        return self._token_store()
 
     @property
     def tokenizer(self) -> CharTokenizer:
