@@ -322,14 +322,10 @@ def _scan(corpus: Corpus, bar: tqdm) -> _Scan:
             f"none of the {len(corpus.files)} files under corpus directory {corpus.root} is UTF-8 text ({shown})"
         )
     if hasher is not None and (got := hasher.hexdigest()) != corpus.sha256:
-        if corpus.kind == "package":
-            raise LitGPTCharError(
-                f"the packaged Tiny Shakespeare ({corpus.root}) has sha256 {got}, expected {corpus.sha256}: "
-                f"it is damaged; reinstall lit_gpt_char, or pass --data.path FILE"
-            )
+        fix = "reinstall lit_gpt_char" if corpus.kind == "package" else "delete it to download it again"
         raise LitGPTCharError(
-            f"corpus file {corpus.root} has sha256 {got}, expected {corpus.sha256}: it is not the expected "
-            f"file or is damaged. Delete it to download again, or pass --data.path for your own text"
+            f"{corpus.label} has sha256 {got}, expected {corpus.sha256}: it is damaged or not the expected text; "
+            f"{fix}, or pass --data.path FILE for your own text"
         )
     if scan.tokens == 0:
         where = f"corpus file {corpus.root}" if corpus.kind != "directory" else f"corpus directory {corpus.root}"
@@ -377,13 +373,11 @@ class TokenStore:
         self.directory = directory
         self.meta = meta
         self.vocab: str = meta["vocab"]
-        self.dtype = np.dtype(meta["dtype"])
-        self.tokens: int = meta["tokens"]
         self.ids_path = directory / IDS
         with open(self.ids_path, "rb") as f:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: never written back
             self.inode = os.fstat(f.fileno()).st_ino  # of the file mapped (a later rebuild replaces the name)
-        self.ids: torch.Tensor = torch.from_numpy(np.frombuffer(self._map, dtype=self.dtype, count=self.tokens))
+        self.ids: torch.Tensor = torch.from_numpy(np.frombuffer(self._map, dtype=meta["dtype"], count=meta["tokens"]))
 
     def release(self) -> None:
         """Drop the map's pages from this process (they are read again from the page cache when needed)."""

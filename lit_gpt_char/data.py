@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_only
 
 from lit_gpt_char.corpus import (
     TINY_SHAKESPEARE_SHA256,
@@ -38,7 +38,11 @@ TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/mast
 # windows read from the memory map between releases of its pages: the kernel maps 64-256 KiB around each
 # window read, so at most 16-64 MiB of the map stays resident
 RELEASE_EVERY_WINDOWS = 256
-__all__ = ["TINY_SHAKESPEARE_SHA256", "TINY_SHAKESPEARE_URL", "CharTokenizer", "ShakespeareDataModule"]
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    print(message, flush=True)
 
 
 def _codepoints(text: str) -> torch.Tensor:
@@ -73,13 +77,9 @@ class CharTokenizer:
         """The smallest dtype that holds every id (the token store's: uint8, uint16 or int32)."""
         return torch.uint8 if self.vocab_size <= 256 else torch.uint16 if self.vocab_size <= 65536 else torch.int32
 
-    def unknown(self, text: str) -> list[str]:
-        """Characters of ``text`` that the vocabulary lacks, each once, in order of appearance."""
-        return list(dict.fromkeys(ch for ch in text if ch not in self.vocab))
-
     def encode(self, text: str) -> torch.Tensor:
         """Ids (int64) of ``text``; a character outside the vocabulary is an error naming it."""
-        missing = self.unknown(text)
+        missing = list(dict.fromkeys(ch for ch in text if ch not in self.vocab))
         if missing:
             shown = ", ".join(repr(ch) for ch in missing[:20])
             raise LitGPTCharError(
@@ -104,7 +104,7 @@ def download(url: str, dest: Path, sha256: Optional[str]) -> None:
             f"the file downloaded from {url} does not have the sha256 expected {sha256}; nothing was saved. "
             f"Check --data.url, or pass --data.sha256 null to skip the check"
         ) from None
-    except (urllib.error.URLError, OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # urllib's URLError is an OSError
         reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
         raise LitGPTCharError(
             f"could not download the corpus from {url} ({reason}). Put the file at {dest}, "
@@ -146,12 +146,8 @@ class RandomWindows:
     def __init__(
         self, ids: torch.Tensor, batch_size: int, block_size: int, seed: int, rank: int, accumulate: int = 1
     ) -> None:
-        self.ids = ids
-        self.batch_size = batch_size
-        self.block_size = block_size
-        self.seed = seed
-        self.rank = rank
-        self.accumulate = accumulate
+        self.ids, self.batch_size, self.block_size = ids, batch_size, block_size
+        self.seed, self.rank, self.accumulate = seed, rank, accumulate
         self.next_batch = 0
         self._offsets = torch.arange(block_size + 1, device=ids.device)
         self._generator = torch.Generator(device=ids.device)
@@ -292,21 +288,12 @@ class ShakespeareDataModule(LightningDataModule):
             raise LitGPTCharError(f"--data.train_fraction must be strictly between 0 and 1, got {train_fraction}")
         self.given_path = path
         self.path = Path(path) if path is not None else Path(data_dir) / "input.txt"  # shown in messages
-        self._default_file = Path(data_dir) / "input.txt"
-        self.download_url = url if path is None else None
+        self.data_dir, self.url = Path(data_dir), url
         self.sha256 = sha256 if path is None else None
-        self.glob = glob
-        self.separator = _unescape(separator)
-        self.strict = strict
-        self.cache_dir = Path(cache_dir)
-        self.max_vocab = max_vocab
-        self.block_size = block_size
-        self.batch_size = batch_size
-        self.train_fraction = train_fraction
-        self.val_windows = val_windows
-        self.val_batch_size = val_batch_size
-        self.seed = seed
-        self.on_device = on_device
+        self.glob, self.separator, self.strict = glob, _unescape(separator), strict
+        self.cache_dir, self.max_vocab, self.on_device = Path(cache_dir), max_vocab, on_device
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        self.train_fraction, self.val_windows, self.val_batch_size = train_fraction, val_windows, val_batch_size
         self._store: Optional[TokenStore] = None
         self._tokenizer: Optional[CharTokenizer] = None
         self._ids: Optional[torch.Tensor] = None
@@ -332,15 +319,14 @@ class ShakespeareDataModule(LightningDataModule):
             if self.glob is not None:
                 raise LitGPTCharError(f"--data.glob selects files in a directory, but --data.path {path} is a file")
             return single_file(path)
-        self.path = self._default_file
-        if not self._default_file.exists():
-            if self.download_url == TINY_SHAKESPEARE_URL:
+        default = self.path = self.data_dir / "input.txt"
+        if not default.exists():
+            if self.url == TINY_SHAKESPEARE_URL:
                 corpus = packaged_tiny_shakespeare()
                 self.path = corpus.root
                 return corpus
-            if self.download_url is not None:
-                download(self.download_url, self._default_file, self.sha256)
-        return single_file(self._default_file, self.sha256)
+            download(self.url, default, self.sha256)
+        return single_file(default, self.sha256)
 
     def prepare_data(self) -> None:
         """Tokenize the corpus into the cache unless an up-to-date one is there, and check the splits (Lightning
@@ -384,8 +370,7 @@ class ShakespeareDataModule(LightningDataModule):
         return self.tokenizer.vocab_size
 
     def _split_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self._ids
-        assert ids is not None
+        ids = self._load()[1]
         n = int(self.train_fraction * len(ids))
         train, val = ids[:n], ids[n:]
         for name, split in (("training", train), ("validation", val)):
@@ -412,25 +397,19 @@ class ShakespeareDataModule(LightningDataModule):
         if self._device_train is not None and self._device_train.device == device:
             return self._device_train
         size = train.numel() * train.element_size()
-        say = self.trainer is None or self.trainer.is_global_zero
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            if size > free // 2:
-                if say:
-                    print(
-                        f"data: the training ids ({size / 1e9:.2f} GB) do not fit in half of {device}'s free memory "
-                        f"({free / 1e9:.2f} GB): windows are gathered on the host and sent through pinned memory",
-                        flush=True,
-                    )
-                return train
+        if device.type == "cuda" and size > (free := torch.cuda.mem_get_info(device)[0]) // 2:
+            _say(
+                f"data: the training ids ({size / 1e9:.2f} GB) do not fit in half of {device}'s free memory "
+                f"({free / 1e9:.2f} GB): windows are gathered on the host and sent through pinned memory"
+            )
+            return train
         on_device = torch.empty(train.shape, dtype=train.dtype, device=device)
         step = 64 << 20
         for i in range(0, train.numel(), step):
             on_device[i : i + step].copy_(train[i : i + step])
             if self._store is not None:
                 self._store.release()  # what the copy read of the map does not stay resident
-        if say:
-            print(f"data: the training ids ({size / 1e6:,.1f} MB) are on {device}; windows are drawn there", flush=True)
+        _say(f"data: the training ids ({size / 1e6:,.1f} MB) are on {device}; windows are drawn there")
         self._device_train = on_device
         return on_device
 
@@ -452,7 +431,6 @@ class ShakespeareDataModule(LightningDataModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> RandomWindows:
-        self._load()
         train, _ = self._split_ids()
         if self.on_device and self.trainer is not None:
             train = self._on(train, self.trainer.strategy.root_device)
@@ -467,7 +445,6 @@ class ShakespeareDataModule(LightningDataModule):
         return self._train
 
     def val_dataloader(self) -> FixedWindows:
-        self._load()
         _, val = self._split_ids()
         rank, world_size = self._rank()
         return FixedWindows(val, self.block_size, self.val_windows, self.val_batch_size, rank, world_size)
