@@ -205,7 +205,7 @@ class _NotText(Exception):
     """A file that is not UTF-8 text (``offset``: where) or cannot be read (``offset`` -1)."""
 
     def __init__(self, offset: int, what: str) -> None:
-        super().__init__(what if offset < 0 else f"{what} at byte offset {offset}")
+        super().__init__(f"unreadable ({what})" if offset < 0 else f"{what} at byte offset {offset}")
         self.offset, self.what = offset, what
 
 
@@ -240,7 +240,7 @@ def _chunks(file: SourceFile, gz: bool, forbid_nul: bool) -> Iterator[tuple[byte
                 yield data, text
                 offset += len(data)
     except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
-        raise _NotText(-1, f"unreadable ({getattr(err, 'strerror', None) or err})") from None
+        raise _NotText(-1, getattr(err, "strerror", None) or str(err)) from None
 
 
 def _points(data: bytes, text: Optional[str]) -> np.ndarray:
@@ -269,7 +269,7 @@ def _scan(corpus: Corpus, bar: tqdm) -> _Scan:
     """Pass 1: which files are text (the others skipped in a directory, else an error) and their characters."""
     seen = np.zeros(0x110000, dtype=bool)
     seen_ascii = b""
-    scan = _Scan([], [], seen, 0, 0)
+    scan = _Scan([], [], np.empty(0, dtype=np.intp), 0, 0)
     hasher = hashlib.sha256() if corpus.sha256 is not None else None
     is_dir = corpus.kind == "directory"
     for file in corpus.files:
@@ -297,7 +297,7 @@ def _scan(corpus: Corpus, bar: tqdm) -> _Scan:
             if not is_dir:
                 name = "the packaged Tiny Shakespeare" if corpus.kind == "package" else f"corpus file {file.name}"
                 if err.offset < 0:
-                    raise LitGPTCharError(f"cannot read {name}: {err.what.removeprefix('unreadable (')[:-1]}") from None
+                    raise LitGPTCharError(f"cannot read {name}: {err.what}") from None
                 where = "invalid byte" if "invalid" in err.what else "NUL byte"
                 raise LitGPTCharError(
                     f"{name} is not UTF-8 text ({where} at offset {err.offset}); "
@@ -344,17 +344,19 @@ def _tokenize(corpus: Corpus, ids_path: Path) -> tuple[_Scan, str, np.dtype]:
         n = len(scan.chars)
         table = np.zeros(0x110000, dtype=np.uint8 if n <= 256 else np.uint16 if n <= 65536 else np.int32)
         table[scan.chars] = np.arange(n)
-        separator = corpus.separator.encode("utf-8")
-        separator_text = None if separator.isascii() else corpus.separator
-        with open(ids_path, "wb") as out:
-            for i, file in enumerate(scan.files):
-                if i:
-                    out.write(_encode(separator, separator_text, table))
-                for data, text in _chunks(file, corpus.kind == "package", forbid_nul=False):
-                    out.write(_encode(data, text, table))
-                    bar.update(len(data))
-            if out.tell() != scan.tokens * table.itemsize:
-                raise LitGPTCharError(f"{corpus.label} changed while it was being tokenized; run again")
+        separator = (corpus.separator.encode("utf-8"), None if corpus.separator.isascii() else corpus.separator)
+        try:
+            with open(ids_path, "wb") as out:
+                for i, file in enumerate(scan.files):
+                    if i:
+                        out.write(_encode(*separator, table))
+                    for data, text in _chunks(file, corpus.kind == "package", forbid_nul=False):
+                        out.write(_encode(data, text, table))
+                        bar.update(len(data))
+                if out.tell() != scan.tokens * table.itemsize:  # a file grew or shrank since pass 1
+                    raise _NotText(-1, "changed")
+        except _NotText:
+            raise LitGPTCharError(f"{corpus.label} changed while it was being tokenized; run again") from None
     return scan, "".join(map(chr, scan.chars.tolist())), table.dtype
 
 
@@ -370,8 +372,7 @@ class TokenStore:
     """
 
     def __init__(self, directory: Path, meta: dict) -> None:
-        self.directory = directory
-        self.meta = meta
+        self.directory, self.meta = directory, meta
         self.vocab: str = meta["vocab"]
         self.ids_path = directory / IDS
         with open(self.ids_path, "rb") as f:

@@ -425,9 +425,8 @@ class ShakespeareDataModule(LightningDataModule):
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         """Windows gathered on the host reach a GPU through pinned memory, without blocking the host."""
-        if device.type == "cuda" and isinstance(batch, (tuple, list)):
-            if all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in batch):
-                return type(batch)(t.pin_memory().to(device, non_blocking=True) for t in batch)
+        if device.type == "cuda" and all(t.device.type == "cpu" for t in batch):  # (x, y), from our loaders
+            return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> RandomWindows:
