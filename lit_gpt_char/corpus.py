@@ -104,9 +104,11 @@ def single_file(path: Path, sha256: Optional[str] = None) -> Corpus:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise LitGPTCharError(f"corpus file {path} does not exist; pass --data.path FILE") from None
+        raise LitGPTCharError(
+            f"corpus path {path} does not exist; pass --data.path a text file or a folder of them"
+        ) from None
     except OSError as err:
-        raise LitGPTCharError(f"cannot read corpus file {path}: {err.strerror}") from None
+        raise LitGPTCharError(f"cannot read corpus path {path}: {err.strerror}") from None
     if not stat.S_ISREG(st.st_mode):  # a pipe is read once (or waits for a writer forever), /dev/zero never ends
         raise LitGPTCharError(
             f"corpus file {path} is not a regular file (a pipe or a device can be read only once, or never ends); "
@@ -140,12 +142,9 @@ _GLOB_PARTS = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
 
 def _glob_part(match: re.Match[str]) -> str:
     part = match.group()
-    if part in _GLOB_PARTS:
-        return _GLOB_PARTS[part]
     if len(part) > 2 and part[0] == "[":  # a class; [!...] is its complement
-        body = "^" + part[2:-1] if part[1] == "!" else part[1:-1]
-        return "[" + body.replace("\\", "\\\\") + "]"
-    return re.escape(part)
+        return "[" + ("^" + part[2:-1] if part[1] == "!" else part[1:-1]).replace("\\", "\\\\") + "]"
+    return _GLOB_PARTS.get(part) or re.escape(part)
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:

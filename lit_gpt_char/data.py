@@ -23,6 +23,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_only
 
 from lit_gpt_char.corpus import (
+    PACKAGED_TINY_SHAKESPEARE,
     TINY_SHAKESPEARE_SHA256,
     Corpus,
     TokenStore,
@@ -201,8 +202,7 @@ class FixedWindows:
                 f"validation has {len(starts)} window(s) for {world_size} processes, each of which needs at least "
                 f"one; use --data.val_windows {world_size} or more (null: the whole split), or fewer --trainer.devices"
             )
-        self.ids = ids
-        self.block_size = block_size
+        self.ids, self.block_size = ids, block_size
         # the last tile may be short: batches keep one length, so a ragged tail comes as its own batch
         self._batches: list[torch.Tensor] = []
         for chunk in starts[rank::world_size].split(batch_size):
@@ -271,21 +271,19 @@ class ShakespeareDataModule(LightningDataModule):
         batch_size: int = 16,
         train_fraction: float = 0.9,
         val_windows: Optional[int] = 3200,
-        val_batch_size: int = 512,
+        val_batch_size: int = 200,
         seed: int = 1337,
         on_device: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("block_size", block_size), ("batch_size", batch_size), ("val_batch_size", val_batch_size),
-            ("max_vocab", max_vocab),
-        ):  # fmt: skip
-            if value < 1:
+        for name in ("block_size", "batch_size", "val_batch_size", "max_vocab"):
+            if (value := locals()[name]) < 1:
                 raise LitGPTCharError(f"--data.{name} must be at least 1, got {value}")
         if val_windows is not None and val_windows < 1:
             raise LitGPTCharError(f"--data.val_windows must be >= 1 (or null: the whole split), got {val_windows}")
         if not 0.0 < train_fraction < 1.0:
             raise LitGPTCharError(f"--data.train_fraction must be strictly between 0 and 1, got {train_fraction}")
+        self.save_hyperparameters()  # into checkpoints: an evaluation scores the run's own validation windows
         self.given_path = path
         self.path = Path(path) if path is not None else Path(data_dir) / "input.txt"  # shown in messages
         self.data_dir, self.url = Path(data_dir), url
@@ -303,11 +301,9 @@ class ShakespeareDataModule(LightningDataModule):
 
     def __getstate__(self) -> dict:
         # spawned processes (ddp_spawn) map the cache themselves instead of receiving a copy of the corpus
-        state = self.__dict__.copy()
-        state.update(_store=None, _tokenizer=None, _ids=None, _device_train=None)
-        if state.get("_train") is not None:
-            state["_train"] = None
-            state["_resume_next_batch"] = self._train.state_dict()["next_batch"]  # type: ignore[union-attr]
+        state = {**self.__dict__, "_store": None, "_tokenizer": None, "_ids": None, "_device_train": None}
+        if self._train is not None:
+            state.update(_train=None, _resume_next_batch=self._train.next_batch)
         return state
 
     def _corpus(self) -> Corpus:
@@ -382,6 +378,15 @@ class ShakespeareDataModule(LightningDataModule):
                 )
         return train, val
 
+    def scored(self) -> str:
+        """What an evaluation scores, in words."""
+        _, val = self._split_ids()
+        corpus = "the packaged Tiny Shakespeare" if self.path == PACKAGED_TINY_SHAKESPEARE else self.path
+        if self.val_windows is None:
+            n = -(-(len(val) - 1) // self.block_size)
+            return f"the whole validation split of {corpus} ({n:,} windows of {self.block_size} characters)"
+        return f"{self.val_windows:,} fixed windows of {self.block_size} characters of the validation split of {corpus}"
+
     def setup(self, stage: str) -> None:
         self._load()  # maps the cache on every rank
         self.val_dataloader()  # too few validation windows for the world size: the error comes now, not mid-run
@@ -415,8 +420,8 @@ class ShakespeareDataModule(LightningDataModule):
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Every RELEASE_EVERY_WINDOWS windows drawn from the memory map, let its pages go: the map's resident
-        part stays small (a few MB) however large the corpus and however long the run."""
-        if self._store is not None and isinstance(batch, (tuple, list)) and isinstance(batch[0], torch.Tensor):
+        part stays small however large the corpus and however long the run."""
+        if self._store is not None:
             self._windows_read += len(batch[0])
             if self._windows_read >= RELEASE_EVERY_WINDOWS:
                 self._store.release()
@@ -434,13 +439,10 @@ class ShakespeareDataModule(LightningDataModule):
         if self.on_device and self.trainer is not None:
             train = self._on(train, self.trainer.strategy.root_device)
         rank, _ = self._rank()
-        state = self._train.state_dict() if self._train is not None else None
-        if state is None and "_resume_next_batch" in self.__dict__:
-            state = {"next_batch": self.__dict__.pop("_resume_next_batch")}
+        next_batch = self._train.next_batch if self._train is not None else self.__dict__.pop("_resume_next_batch", 0)
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         self._train = RandomWindows(train, self.batch_size, self.block_size, self.seed, rank, accumulate)
-        if state is not None:
-            self._train.load_state_dict(state)
+        self._train.next_batch = next_batch  # a new loader (another epoch, a resumed run) goes on where it was
         return self._train
 
     def val_dataloader(self) -> FixedWindows:
