@@ -13,18 +13,15 @@ batch being drawn.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
+import socket
 import re
-import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_only
 
 from lit_gpt_char.corpus import (
     PACKAGED_TINY_SHAKESPEARE,
@@ -43,7 +40,11 @@ TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/mast
 # windows read from the memory map between releases of its pages: the kernel maps 64-256 KiB around each
 # window read, so at most 16-64 MiB of the map stays resident
 RELEASE_EVERY_WINDOWS = 256
-__all__ = ["TINY_SHAKESPEARE_SHA256", "TINY_SHAKESPEARE_URL", "CharTokenizer", "ShakespeareDataModule"]
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    print(message, flush=True)
 
 
 def _codepoints(text: str) -> torch.Tensor:
@@ -78,13 +79,9 @@ class CharTokenizer:
         """The smallest dtype that holds every id (the token store's: uint8, uint16 or int32)."""
         return torch.uint8 if self.vocab_size <= 256 else torch.uint16 if self.vocab_size <= 65536 else torch.int32
 
-    def unknown(self, text: str) -> list[str]:
-        """Characters of ``text`` that the vocabulary lacks, each once, in order of appearance."""
-        return list(dict.fromkeys(ch for ch in text if ch not in self.vocab))
-
     def encode(self, text: str) -> torch.Tensor:
         """Ids (int64) of ``text``; a character outside the vocabulary is an error naming it."""
-        missing = self.unknown(text)
+        missing = list(dict.fromkeys(ch for ch in text if ch not in self.vocab))
         if missing:
             shown = ", ".join(repr(ch) for ch in missing[:20])
             raise LitGPTCharError(
@@ -99,40 +96,26 @@ class CharTokenizer:
 
 
 def download(url: str, dest: Path, sha256: Optional[str]) -> None:
-    """Fetch ``url`` to ``dest``; nothing is left behind unless the whole file arrived and its hash checks out.
-
-    The file streams to a temporary file beside ``dest`` (memory stays small whatever its size) while
-    its sha256 is computed; it is renamed into place only once verified, so an interrupted or failed
-    download never leaves a partial corpus (nor the folders made for it).
-    """
-    created: list[Path] = []
-    tmp_name: Optional[str] = None
+    """Fetch ``url`` to ``dest`` (torch.hub streams it to a temporary file beside ``dest`` and renames it into
+    place once its sha256 checks out): a failed download leaves nothing behind, nor the folders made for it."""
+    created = make_dirs(dest.parent)
+    timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # torch.hub sets none: a stalled server would hang the run
     try:
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                created = make_dirs(dest.parent)
-                fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-                hasher = hashlib.sha256()
-                with os.fdopen(fd, "wb") as out:
-                    while block := response.read(1 << 20):
-                        hasher.update(block)
-                        out.write(block)
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
-            raise LitGPTCharError(
-                f"could not download the corpus from {url} ({reason}). Put the file at {dest}, "
-                f"or pass --data.path FILE to train on a local text file, or --data.url URL for another source"
-            ) from None
-        if sha256 is not None and (got := hasher.hexdigest()) != sha256:
-            raise LitGPTCharError(
-                f"the file downloaded from {url} has sha256 {got}, expected {sha256}; nothing was saved. "
-                f"Check --data.url, or pass --data.sha256 null to skip the check"
-            )
-        os.replace(tmp_name, dest)
-        tmp_name = None
+        torch.hub.download_url_to_file(url, str(dest), hash_prefix=sha256, progress=False)
+    except RuntimeError:  # the hash
+        raise LitGPTCharError(
+            f"the file downloaded from {url} does not have the sha256 expected {sha256}; nothing was saved. "
+            f"Check --data.url, or pass --data.sha256 null to skip the check"
+        ) from None
+    except (OSError, ValueError) as err:  # urllib's URLError is an OSError
+        reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
+        raise LitGPTCharError(
+            f"could not download the corpus from {url} ({reason}). Put the file at {dest}, "
+            f"or pass --data.path FILE to train on a local text file, or --data.url URL for another source"
+        ) from None
     finally:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
+        socket.setdefaulttimeout(timeout)
         if not dest.exists():
             for d in created:
                 with contextlib.suppress(OSError):
@@ -168,12 +151,8 @@ class RandomWindows:
     def __init__(
         self, ids: torch.Tensor, batch_size: int, block_size: int, seed: int, rank: int, accumulate: int = 1
     ) -> None:
-        self.ids = ids
-        self.batch_size = batch_size
-        self.block_size = block_size
-        self.seed = seed
-        self.rank = rank
-        self.accumulate = accumulate
+        self.ids, self.batch_size, self.block_size = ids, batch_size, block_size
+        self.seed, self.rank, self.accumulate = seed, rank, accumulate
         self.next_batch = 0
         self._offsets = torch.arange(block_size + 1, device=ids.device)
         self._generator = torch.Generator(device=ids.device)
@@ -227,8 +206,7 @@ class FixedWindows:
                 f"validation has {len(starts)} window(s) for {world_size} processes, each of which needs at least "
                 f"one; use --data.val_windows {world_size} or more (null: the whole split), or fewer --trainer.devices"
             )
-        self.ids = ids
-        self.block_size = block_size
+        self.ids, self.block_size = ids, block_size
         # the last tile may be short: batches keep one length, so a ragged tail comes as its own batch
         self._batches: list[torch.Tensor] = []
         for chunk in starts[rank::world_size].split(batch_size):
@@ -302,11 +280,8 @@ class ShakespeareDataModule(LightningDataModule):
         on_device: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("block_size", block_size), ("batch_size", batch_size), ("val_batch_size", val_batch_size),
-            ("max_vocab", max_vocab),
-        ):  # fmt: skip
-            if value < 1:
+        for name in ("block_size", "batch_size", "val_batch_size", "max_vocab"):
+            if (value := locals()[name]) < 1:
                 raise LitGPTCharError(f"--data.{name} must be at least 1, got {value}")
         if val_windows is not None and val_windows < 1:
             raise LitGPTCharError(f"--data.val_windows must be >= 1 (or null: the whole split), got {val_windows}")
@@ -315,21 +290,12 @@ class ShakespeareDataModule(LightningDataModule):
         self.save_hyperparameters()  # into checkpoints: an evaluation scores the run's own validation windows
         self.given_path = path
         self.path = Path(path) if path is not None else Path(data_dir) / "input.txt"  # shown in messages
-        self._default_file = Path(data_dir) / "input.txt"
-        self.download_url = url if path is None else None
+        self.data_dir, self.url = Path(data_dir), url
         self.sha256 = sha256 if path is None else None
-        self.glob = glob
-        self.separator = _unescape(separator)
-        self.strict = strict
-        self.cache_dir = Path(cache_dir)
-        self.max_vocab = max_vocab
-        self.block_size = block_size
-        self.batch_size = batch_size
-        self.train_fraction = train_fraction
-        self.val_windows = val_windows
-        self.val_batch_size = val_batch_size
-        self.seed = seed
-        self.on_device = on_device
+        self.glob, self.separator, self.strict = glob, _unescape(separator), strict
+        self.cache_dir, self.max_vocab, self.on_device = Path(cache_dir), max_vocab, on_device
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        self.train_fraction, self.val_windows, self.val_batch_size = train_fraction, val_windows, val_batch_size
         self._store: Optional[TokenStore] = None
         self._tokenizer: Optional[CharTokenizer] = None
         self._ids: Optional[torch.Tensor] = None
@@ -339,11 +305,9 @@ class ShakespeareDataModule(LightningDataModule):
 
     def __getstate__(self) -> dict:
         # spawned processes (ddp_spawn) map the cache themselves instead of receiving a copy of the corpus
-        state = self.__dict__.copy()
-        state.update(_store=None, _tokenizer=None, _ids=None, _device_train=None)
-        if state.get("_train") is not None:
-            state["_train"] = None
-            state["_resume_next_batch"] = self._train.state_dict()["next_batch"]  # type: ignore[union-attr]
+        state = {**self.__dict__, "_store": None, "_tokenizer": None, "_ids": None, "_device_train": None}
+        if self._train is not None:
+            state.update(_train=None, _resume_next_batch=self._train.next_batch)
         return state
 
     def _corpus(self) -> Corpus:
@@ -355,15 +319,14 @@ class ShakespeareDataModule(LightningDataModule):
             if self.glob is not None:
                 raise LitGPTCharError(f"--data.glob selects files in a directory, but --data.path {path} is a file")
             return single_file(path)
-        self.path = self._default_file
-        if not self._default_file.exists():
-            if self.download_url == TINY_SHAKESPEARE_URL:
+        default = self.path = self.data_dir / "input.txt"
+        if not default.exists():
+            if self.url == TINY_SHAKESPEARE_URL:
                 corpus = packaged_tiny_shakespeare()
                 self.path = corpus.root
                 return corpus
-            if self.download_url is not None:
-                download(self.download_url, self._default_file, self.sha256)
-        return single_file(self._default_file, self.sha256)
+            download(self.url, default, self.sha256)
+        return single_file(default, self.sha256)
 
     def prepare_data(self) -> None:
         """Tokenize the corpus into the cache unless an up-to-date one is there, and check the splits (Lightning
@@ -371,7 +334,9 @@ class ShakespeareDataModule(LightningDataModule):
         vocabulary). Mapping the cache costs nothing: this process maps it too."""
         self._load()
 
-    def _token_store(self) -> TokenStore:
+    @property
+    def store(self) -> TokenStore:
+        """The corpus's token store (its cache entry and memory map), built first if needed."""
         if self._store is None:
             store = open_store(self._corpus(), self.cache_dir)
             if len(store.vocab) > self.max_vocab:
@@ -380,28 +345,16 @@ class ShakespeareDataModule(LightningDataModule):
                     f"{self.max_vocab:,} (the model embeds each one); check that the corpus is the text you mean, "
                     f"or raise --data.max_vocab"
                 )
-            if self.strict and store.meta["skipped"]:
-                name, why = store.meta["skipped"][0]
-                raise LitGPTCharError(
-                    f"file {name} in corpus directory {self.path} is not UTF-8 text: {why} "
-                    f"(--data.strict true; without it, such files are skipped)"
-                )
             self._store = store
         return self._store
 
     def _load(self) -> tuple[CharTokenizer, torch.Tensor]:
-        """The tokenizer and the memory-mapped ids, from the cache (built first if needed), once."""
+        """The tokenizer and the memory-mapped ids, once."""
         if self._tokenizer is None:
-            store = self._token_store()
-            self._tokenizer, self._ids = CharTokenizer(store.vocab), store.ids
+            self._tokenizer, self._ids = CharTokenizer(self.store.vocab), self.store.ids
             self._split_ids()  # fail on a too-short split now, before anything is built or written
         assert self._ids is not None
         return self._tokenizer, self._ids
-
-    @property
-    def store(self) -> TokenStore:
-        """The corpus's token store (its cache entry and memory map)."""
-        return self._token_store()
 
     @property
     def tokenizer(self) -> CharTokenizer:
@@ -417,8 +370,7 @@ class ShakespeareDataModule(LightningDataModule):
         return self.tokenizer.vocab_size
 
     def _split_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self._ids
-        assert ids is not None
+        ids = self._load()[1]
         n = int(self.train_fraction * len(ids))
         train, val = ids[:n], ids[n:]
         for name, split in (("training", train), ("validation", val)):
@@ -432,7 +384,6 @@ class ShakespeareDataModule(LightningDataModule):
 
     def scored(self) -> str:
         """What an evaluation scores, in words."""
-        self._load()
         _, val = self._split_ids()
         corpus = "the packaged Tiny Shakespeare" if self.path == PACKAGED_TINY_SHAKESPEARE else self.path
         if self.val_windows is None:
@@ -455,32 +406,26 @@ class ShakespeareDataModule(LightningDataModule):
         if self._device_train is not None and self._device_train.device == device:
             return self._device_train
         size = train.numel() * train.element_size()
-        say = self.trainer is None or self.trainer.is_global_zero
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            if size > free // 2:
-                if say:
-                    print(
-                        f"data: the training ids ({size / 1e9:.2f} GB) do not fit in half of {device}'s free memory "
-                        f"({free / 1e9:.2f} GB): windows are gathered on the host and sent through pinned memory",
-                        flush=True,
-                    )
-                return train
+        if device.type == "cuda" and size > (free := torch.cuda.mem_get_info(device)[0]) // 2:
+            _say(
+                f"data: the training ids ({size / 1e9:.2f} GB) do not fit in half of {device}'s free memory "
+                f"({free / 1e9:.2f} GB): windows are gathered on the host and sent through pinned memory"
+            )
+            return train
         on_device = torch.empty(train.shape, dtype=train.dtype, device=device)
         step = 64 << 20
         for i in range(0, train.numel(), step):
             on_device[i : i + step].copy_(train[i : i + step])
             if self._store is not None:
                 self._store.release()  # what the copy read of the map does not stay resident
-        if say:
-            print(f"data: the training ids ({size / 1e6:,.1f} MB) are on {device}; windows are drawn there", flush=True)
+        _say(f"data: the training ids ({size / 1e6:,.1f} MB) are on {device}; windows are drawn there")
         self._device_train = on_device
         return on_device
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Every RELEASE_EVERY_WINDOWS windows drawn from the memory map, let its pages go: the map's resident
-        part stays small (a few MB) however large the corpus and however long the run."""
-        if self._store is not None and isinstance(batch, (tuple, list)) and isinstance(batch[0], torch.Tensor):
+        part stays small however large the corpus and however long the run."""
+        if self._store is not None:
             self._windows_read += len(batch[0])
             if self._windows_read >= RELEASE_EVERY_WINDOWS:
                 self._store.release()
@@ -489,28 +434,22 @@ class ShakespeareDataModule(LightningDataModule):
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         """Windows gathered on the host reach a GPU through pinned memory, without blocking the host."""
-        if device.type == "cuda" and isinstance(batch, (tuple, list)):
-            if all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in batch):
-                return type(batch)(t.pin_memory().to(device, non_blocking=True) for t in batch)
+        if device.type == "cuda" and all(t.device.type == "cpu" for t in batch):  # (x, y), from our loaders
+            return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> RandomWindows:
-        self._load()
         train, _ = self._split_ids()
         if self.on_device and self.trainer is not None:
             train = self._on(train, self.trainer.strategy.root_device)
         rank, _ = self._rank()
-        state = self._train.state_dict() if self._train is not None else None
-        if state is None and "_resume_next_batch" in self.__dict__:
-            state = {"next_batch": self.__dict__.pop("_resume_next_batch")}
+        next_batch = self._train.next_batch if self._train is not None else self.__dict__.pop("_resume_next_batch", 0)
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         self._train = RandomWindows(train, self.batch_size, self.block_size, self.seed, rank, accumulate)
-        if state is not None:
-            self._train.load_state_dict(state)
+        self._train.next_batch = next_batch  # a new loader (another epoch, a resumed run) goes on where it was
         return self._train
 
     def val_dataloader(self) -> FixedWindows:
-        self._load()
         _, val = self._split_ids()
         rank, world_size = self._rank()
         return FixedWindows(val, self.block_size, self.val_windows, self.val_batch_size, rank, world_size)

@@ -317,11 +317,11 @@ SLOW_BUILD = textwrap.dedent(
     import lit_gpt_char.corpus as corpus
 
     corpus.CHUNK = 4096
-    ascii = corpus._IdWriter.ascii
-    def slowly(self, data):
-        ascii(self, data)
+    encode = corpus._encode
+    def slowly(*args):
         time.sleep(0.01)
-    corpus._IdWriter.ascii = slowly  # ~2.5 s for 1 MB: time to act while it tokenizes
+        return encode(*args)
+    corpus._encode = slowly  # writing the ids: ~2.5 s for 1 MB, time to act while it tokenizes
     store = corpus.open_store(corpus.single_file(Path(sys.argv[1])), Path(sys.argv[2]))
     print("mapped", store.inode, flush=True)
     """
