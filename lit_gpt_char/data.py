@@ -13,8 +13,8 @@ batch being drawn.
 from __future__ import annotations
 
 import contextlib
-import socket
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
