@@ -161,7 +161,9 @@ def test_a_lost_worker_costs_only_the_steps_since_the_last_checkpoint(
         work.mkdir()
         [(status, out, err)] = launch([job + lose + probe(work / "probe")], work, [{}])
         assert status == 0, f"trial {trial}: " + err[-3000:]
-        assert "Read error" in err or "Connection" in err  # rank 0 saw its peer die: the restart was real
+        # the restart was real: the first attempt started the run afresh, so only a second one restores a checkpoint
+        # (whether rank 0 logs its peer's death before torchrun stops it depends on timing)
+        assert "Restored all states from the checkpoint at checkpoints/version_0/last.ckpt" in err
         assert "resumed from checkpoints/version_0/last.ckpt at step 20" in out
         final = weights(work / "checkpoints" / "version_0" / "last.ckpt")
         assert final.keys() == expected.keys()
