@@ -7,6 +7,7 @@ import math
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -31,8 +32,9 @@ def read_events(logdir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[
     scalars: dict[str, list[tuple[int, float]]] = {}
     texts: dict[str, list[tuple[int, str]]] = {}
     for run in sorted({p.parent for p in logdir.rglob("events.out.tfevents.*")}):
-        acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
-        acc.Reload()
+        with tempfile.TemporaryDirectory(prefix="events-") as links:
+            acc = EventAccumulator(_in_order(run, Path(links)), size_guidance={"scalars": 0, "tensors": 0})
+            acc.Reload()
         for tag in acc.Tags()["scalars"]:
             scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
         for tag in acc.Tags()["tensors"]:
@@ -40,6 +42,16 @@ def read_events(logdir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[
                 continue
             texts.setdefault(tag, []).extend((e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag))
     return scalars, texts
+
+
+def _in_order(run: Path, links: Path) -> str:
+    """A folder of links to ``run``'s event files named so that name order is write order. TensorBoard reads a
+    folder's files in name order: events.out.tfevents.<second>.<host>.<pid>.<n>, and runs in one test process
+    (in-process, within one second) sort .10 before .9."""
+    for path in run.glob("events.out.tfevents.*"):
+        stamp, count = int(path.name.split(".")[3]), int(path.name.rsplit(".", 1)[1])
+        (links / f"events.out.tfevents.{stamp:012d}.{count:06d}").symlink_to(path)
+    return str(links)
 
 
 @pytest.fixture
