@@ -214,7 +214,9 @@ class InterruptCheckpoint(Callback):
             return
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None) or "checkpoints"
         path = Path(dirpath) / "last.ckpt"
-        trainer.save_checkpoint(path)
+        # at an evaluation step the checkpoint callbacks have just written it (the grace time of a SIGTERM is short)
+        if not any(cb.save_last and saved_step(cb) == trainer.global_step for cb in trainer.checkpoint_callbacks):
+            trainer.save_checkpoint(path)
         signum = self._signal or signal.SIGTERM  # None: the signal went to another process of this run
         exception.signum = signum  # the exit status, 128 + signum (cli.main)
         if trainer.is_global_zero:
@@ -265,13 +267,16 @@ class Checkpoint(ModelCheckpoint):
         # the step a run resumes from is on disk already; saving it again would, under gradient accumulation,
         # write the state of the first micro-batch after resuming, in the middle of an accumulation window
         mark_saved(self, trainer.global_step)
-        if self.monitor and self.best_k_models:
+        if self.monitor:
             self._rescore_from_disk(trainer)
 
     def _rescore_from_disk(self, trainer: Trainer) -> None:
+        # the checkpoint resumed from may hold older scores, or none (written before the first evaluation, or in
+        # another folder): what counts is what the files on disk hold now
         scores = {}
         if trainer.is_global_zero:  # the files are rank 0's; every rank must take the same decisions
-            for path in self.best_k_models:
+            own = os.path.join(self.dirpath, f"{self.filename}{self.FILE_EXTENSION}") if self.filename else None
+            for path in {*self.best_k_models, *([own] if own and "{" not in own else [])}:
                 if os.path.isfile(path):
                     saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                     score = saved.get("callbacks", {}).get(self.state_key, {}).get("current_score")

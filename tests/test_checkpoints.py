@@ -52,13 +52,16 @@ def test_a_signal_in_a_step_with_an_evaluation_lets_the_evaluation_finish(
     assert [step for step, _ in scalars["val/loss"]] == [10]
 
 
-def test_resuming_an_older_checkpoint_never_replaces_best_with_a_worse_model(corpus: Path, workdir: Path) -> None:
-    common = ["fit", *TINY, "--data.path", str(corpus), "--periodic_checkpoint.every_n_train_steps", "10"]
+@pytest.mark.parametrize("older", [5, 10])  # step 5: before the run's first evaluation, so it holds no score at all
+def test_resuming_an_older_checkpoint_never_replaces_best_with_a_worse_model(
+    older: int, corpus: Path, workdir: Path
+) -> None:
+    common = ["fit", *TINY, "--data.path", str(corpus), "--periodic_checkpoint.every_n_train_steps", "5"]
     assert run_main([*common, "--trainer.max_steps", "30"]) == 0
     run = workdir / "checkpoints" / "version_0"
     val = dict(read_events(workdir / "lightning_logs")[0]["val/loss"])
     assert val[30] < val[20] < val[10] and _step(run / "best.ckpt") == 30
-    # back to step 10 and on to 20: step 20's model is worse than the best on disk (step 30's)
-    assert run_main([*common, "--trainer.max_steps", "20", "--ckpt_path", str(run / "step-10.ckpt")]) == 0
+    # back to an older step and on to 20: step 20's model is worse than the best on disk (step 30's)
+    assert run_main([*common, "--trainer.max_steps", "20", "--ckpt_path", str(run / f"step-{older}.ckpt")]) == 0
     assert _step(run / "last.ckpt") == 20
     assert _step(run / "best.ckpt") == 30
