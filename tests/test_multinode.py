@@ -289,9 +289,8 @@ def test_the_example_sbatch_script_continues_its_run_when_submitted_again(corpus
     (work / ".venv" / "bin" / "activate").write_text(f"PATH={Path(sys.executable).parent}:$PATH\n")
     (work / "configs").symlink_to(ROOT / "configs")
     (work / "bin").mkdir()
-    (work / "bin" / "srun").write_text(
-        '#!/bin/bash\nshift\nSLURM_PROCID=0 SLURM_LOCALID=0 exec "$@"\n'
-    )  # srun OPTION CMD
+    # an srun that starts its one task here: `srun --kill-on-bad-exit=1 CMD …` runs CMD …
+    (work / "bin" / "srun").write_text('#!/bin/bash\nshift\nSLURM_PROCID=0 SLURM_LOCALID=0 exec "$@"\n')
     (work / "bin" / "srun").chmod(0o755)
     tiny = [*TINY, "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--data.path", str(corpus)]
     slurm = {
