@@ -40,7 +40,14 @@ from lit_gpt_char.checkpoint import read_checkpoint
 from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.distributed import job_store, publish_error, publish_run_name, published_run_name, slurm_run_name
 from lit_gpt_char.errors import LitGPTCharError
-from lit_gpt_char.internals import keep_help_as_written, parser_actions, subcommand_choices, type_of, widen_type
+from lit_gpt_char.internals import (
+    keep_help_as_written,
+    parser_actions,
+    subcommand_choices,
+    subcommand_parsers,
+    type_of,
+    widen_type,
+)
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT, scaled_and_clipped
 from lit_gpt_char.monitor import LossChart, ProgressBar, Throughput
@@ -109,7 +116,7 @@ class LitGPTCLI(LightningCLI):
         # about ckpt_path ("registry", "hpc"): say what these do here
         for choice in subcommand_choices(parser):
             choice.help = SUBCOMMAND_HELP[choice.dest]
-        for name, subparser in self._subcommand_parsers.items():
+        for name, subparser in subcommand_parsers(self).items():
             subparser.description = SUBCOMMAND_HELP[name]
             _set_help(subparser, "ckpt_path", CKPT_PATH_HELP.get(name, CKPT_PATH_HELP["validate"]))
 
@@ -249,7 +256,7 @@ class LitGPTCLI(LightningCLI):
             raise LitGPTCharError(_name_options(str(err))) from None
 
     def before_instantiate_classes(self) -> None:
-        # the progress bar redraws every 10 steps: redrawing every step costs 5% of a small CPU step.
+        # the progress bar redraws every 10 steps: redrawing every step costs a small CPU step measurably.
         # Lightning's TQDMProgressBar reads this variable; set it to 1 for every step
         os.environ.setdefault("TQDM_MINITERS", "10")
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -580,7 +587,7 @@ class HeldOutput:
 
 class QuietProfiler(PassThroughProfiler):
     """Lightning's default no-op profiler without its cost: Lightning wraps ~50 hook calls a step in
-    ``profiler.profile(...)``, a generator-based context manager (2 µs each) even when profiling is off.
+    ``profiler.profile(...)``, a generator-based context manager, even when profiling is off.
     Any --trainer.profiler replaces it."""
 
     def profile(self, action_name: str) -> contextlib.nullcontext:

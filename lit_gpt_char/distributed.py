@@ -5,12 +5,9 @@ build their process group on the rendezvous store that torchrun's agent hosts (`
 and that store outlives the worker group. PyTorch's ``env://`` rendezvous assumes a fresh store for every attempt
 (torch/distributed/rendezvous.py: "We create a new TCPStore for every retry so no need to add prefix"), so the
 restarted workers can read the addresses the dead group published and fail in gloo's ``connectFullMesh``
-("Connection refused") or hang: measured here, a plain torch.distributed script under ``torchrun --max-restarts 1``
-with one worker killed survived 2 of 8 trials. :class:`ElasticDDPStrategy` forms the process group on a store of
-each restart attempt's own, which global rank 0 hosts (with a key prefix per attempt in the agent's store instead:
-8 of 8 in the same trials; through this project's CLI, benchmarks/lost_worker.py, 10 of 10 jobs finished
-bit-for-bit equal to an unbroken run, against 4 of 8 with Lightning's own DDPStrategy). It is what
-``--trainer.strategy ddp`` means in this project.
+("Connection refused") or hang (benchmarks/lost_worker.py measures it; figures in benchmarks/RESULTS.md).
+:class:`ElasticDDPStrategy` forms the process group on a store of each restart attempt's own, which global rank 0
+hosts. It is what ``--trainer.strategy ddp`` means in this project.
 
 Under srun (without torchrun) global rank 0 hosts such a store itself, at the address Lightning's SLURMEnvironment
 gives the process group. Through it rank 0 (which claims ``checkpoints/RUN/``) hands the run's name to the other

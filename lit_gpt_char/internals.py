@@ -17,6 +17,7 @@ from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
+from lightning.pytorch.cli import LightningCLI
 
 __all__ = ["convert_inf", "destroy_dist_connection"]
 
@@ -67,6 +68,7 @@ def mark_saved(checkpoint: ModelCheckpoint, step: int) -> None:
 
 
 def every_n_train_steps(checkpoint: ModelCheckpoint) -> int:
+    """ModelCheckpoint's interval in optimizer steps (0: none), as it resolved its arguments."""
     return checkpoint._every_n_train_steps
 
 
@@ -83,6 +85,11 @@ def parser_actions(parser: ArgumentParser) -> list[Action]:
     return parser._actions
 
 
+def subcommand_parsers(cli: LightningCLI) -> dict[str, ArgumentParser]:
+    """LightningCLI's parser of each subcommand, to give each its own description."""
+    return cli._subcommand_parsers
+
+
 def subcommand_choices(parser: ArgumentParser) -> list[Action]:
     """The help entries of the subcommands (fit, validate, test), to replace Lightning's text."""
     return parser._subcommands_action._choices_actions
@@ -94,6 +101,7 @@ def widen_type(action: Action, typehint: Any) -> None:
 
 
 def type_of(action: Action) -> Any:
+    """The type an option of jsonargparse's takes."""
     return action._typehint
 
 

@@ -75,8 +75,8 @@ class LitGPT(LightningModule):
             AdamW (learning_rate, betas, weight_decay) for the embeddings, the output head and the norms.
         muon_lr: Muon's peak learning rate (the schedule scales it as it scales learning_rate).
         muon_momentum: Muon's (Nesterov) momentum.
-        compile: Compile the model's forward pass with torch.compile (on a 2-core CPU it costs 27 s and the
-            compiled step is slower; whether it pays on a GPU is for benchmarks/gpu_speedrun.py to show).
+        compile: Compile the model's forward pass with torch.compile (on a small CPU the compile time does not pay;
+            whether it pays on a GPU is for benchmarks/gpu_speedrun.py to show).
     """
 
     def __init__(
@@ -129,8 +129,8 @@ class LitGPT(LightningModule):
         self.test_loss = MeanMetric()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets _current_fx_name around each of ~40 hook calls a step; nn.Module.__setattr__'s
-        # bookkeeping makes that ~0.05 ms a step. A plain string needs none of it
+        # Lightning sets _current_fx_name around each of its ~40 hook calls a step; nn.Module.__setattr__'s
+        # bookkeeping adds up there. A plain string needs none of it
         if name == "_current_fx_name":
             self.__dict__[name] = value
         else:
@@ -142,9 +142,9 @@ class LitGPT(LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         _, loss = self._forward(x, y)
-        # aggregate every micro-batch, log every log_every_n_steps optimizer steps: one self.log costs ~0.8 ms in
-        # Lightning 2.6, a tenth of a small CPU step, so per-step logging would make the Trainer 25% slower than a
-        # loop (a running sum on the loss's device: no sync, ~1 µs; torchmetrics' update costs ~50 µs)
+        # aggregate every micro-batch, log every log_every_n_steps optimizer steps: a self.log call costs a
+        # noticeable part of a small CPU step in Lightning 2.6 (benchmarks/trainer_overhead.py); a running sum on the
+        # loss's device needs no sync
         self._train_loss_sum = loss.detach() + (self._train_loss_sum if self._train_loss_count else 0.0)
         self._train_loss_count += 1
         trainer = self.trainer
@@ -218,7 +218,7 @@ class LitGPT(LightningModule):
             {"params": [p for p in params if p.dim() >= 2 and p not in matrices], "weight_decay": hp.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # the fused kernel (CUDA and CPU) is ~15% of a small CPU step faster than the per-tensor loop; under fp16's
+        # the fused kernel (CUDA and CPU) is faster than the per-tensor loop (benchmarks/RESULTS.md); under fp16's
         # loss scaling Lightning cannot clip the gradients before it (they are unscaled inside the fused step)
         fused = hp.fused_adamw
         if fused is None:
