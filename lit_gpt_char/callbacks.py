@@ -20,7 +20,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_gpt_char.data import CharTokenizer, _mix
-from lit_gpt_char.errors import LitGPTCharError
+from lit_gpt_char.errors import LitGPTCharError, shown
 from lit_gpt_char.internals import (
     evaluation_follows,
     every_n_train_steps,
@@ -207,7 +207,7 @@ class InterruptCheckpoint(Callback):
             if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
                 print(
                     f"interrupted by Ctrl-C during step {trainer.global_step + 1}: nothing saved (the last checkpoint "
-                    f"is {_shown(last_checkpoint(trainer)) or 'none'})",
+                    f"is {shown(last_checkpoint(trainer)) or 'none'})",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -221,19 +221,11 @@ class InterruptCheckpoint(Callback):
         exception.signum = signum  # the exit status, 128 + signum (cli.main)
         if trainer.is_global_zero:
             print(
-                f"interrupted by {_SIGNAL_NAMES[signum]} after step {trainer.global_step}: saved {_shown(path)}; "
-                f"resume by running the same command with --ckpt_path {_shown(path)}",
+                f"interrupted by {_SIGNAL_NAMES[signum]} after step {trainer.global_step}: saved {shown(path)}; "
+                f"resume by running the same command with --ckpt_path {shown(path)}",
                 file=sys.stderr,
                 flush=True,
             )
-
-
-def _shown(path: str | Path) -> str:
-    """``path`` relative to the current directory when it is below it (ModelCheckpoint makes its dirpath absolute)."""
-    if not path:
-        return ""
-    path = Path(path)
-    return str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
 
 
 def last_checkpoint(trainer: Trainer) -> str:

@@ -13,9 +13,8 @@ from typing import Any, Optional
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from lit_gpt_char.callbacks import _shown
 from lit_gpt_char.data import CharTokenizer
-from lit_gpt_char.errors import LitGPTCharError
+from lit_gpt_char.errors import LitGPTCharError, shown
 from lit_gpt_char.model import GPT, GPTConfig
 from lit_gpt_char.runs import CHECKPOINTS
 
@@ -56,17 +55,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def _not_saved(path: Path, step: Optional[int], cause: OSError) -> str:
     """What a failed save cost (the steps since the newest checkpoint, which is intact) and what to do."""
-    message = f"could not save {_shown(path)} at step {step}: {cause.strerror or cause}. "
+    message = f"could not save {shown(path)} at step {step}: {cause.strerror or cause}. "
     saved = [p for p in path.parent.glob("*.ckpt") if not p.name.startswith(".")]
     if not saved:
         return message + "Nothing was saved before: free space (or fix the folder), then run again"
     newest = max(saved, key=lambda p: p.stat().st_mtime)
-    since = _shown(newest)
+    since = shown(newest)
     with contextlib.suppress(Exception):  # its step, if it reads
         since += f" (step {torch.load(newest, map_location='cpu', weights_only=True, mmap=True)['global_step']})"
     return message + (
         f"The checkpoints saved before are intact; the steps since {since} are lost: free space, then resume by "
-        f"running the same command with --ckpt_path {_shown(newest)}"
+        f"running the same command with --ckpt_path {shown(newest)}"
     )
 
 

@@ -39,7 +39,7 @@ from lit_gpt_char.callbacks import Checkpoint, InterruptCheckpoint, SampleTextCa
 from lit_gpt_char.checkpoint import read_checkpoint
 from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.distributed import job_store, publish_error, publish_run_name, published_run_name, slurm_run_name
-from lit_gpt_char.errors import LitGPTCharError
+from lit_gpt_char.errors import LitGPTCharError, shown
 from lit_gpt_char.internals import (
     keep_help_as_written,
     parser_actions,
@@ -374,9 +374,9 @@ class LitGPTCLI(LightningCLI):
             line += f"; val/loss {float(val):.4f} at step {ckpt.evaluated_step}"
         if ckpt is not None and ckpt.best_model_score is not None:  # None: this run has not evaluated yet
             best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
-            line += f" (best {float(ckpt.best_model_score):.4f} at step {best}); {_short(ckpt.best_model_path)}"
+            line += f" (best {float(ckpt.best_model_score):.4f} at step {best}); {shown(ckpt.best_model_path)}"
         last = self._run.checkpoint_dir / "last.ckpt"
-        print(line + (f", {_short(last)}" if last.is_file() else ""), flush=True)
+        print(line + (f", {shown(last)}" if last.is_file() else ""), flush=True)
 
     def _check_optimization(self) -> None:
         """Settings that LitGPT or Lightning would reject only once training has started."""
@@ -406,13 +406,13 @@ class LitGPTCLI(LightningCLI):
             return f"{self.subcommand} {config.ckpt_path} (step {self._resume_step()}) on {self.datamodule.scored()}"
         run = self._run
         logger = self.trainer.logger
-        logs = f"logs in {_short(logger.log_dir)}{os.sep}" if isinstance(logger, TensorBoardLogger) else "no logs"
+        logs = f"logs in {shown(logger.log_dir)}{os.sep}" if isinstance(logger, TensorBoardLogger) else "no logs"
         resumed = ""
         if run.resume_from is not None:
             how = "resumed from" if run.continues else "starting from the weights of"
             resumed = f", {how} {run.resume_from} at step {self._resume_step()}"
             resumed += " (the newest run)" if run.picked else ""
-        line = f"run {run.name}{resumed}: checkpoints in {_short(run.checkpoint_dir)}{os.sep}, {logs}"
+        line = f"run {run.name}{resumed}: checkpoints in {shown(run.checkpoint_dir)}{os.sep}, {logs}"
         before = _trained_world_size(self._ckpt) if run.continues and self._ckpt is not None else None
         if before is not None and before != self.trainer.world_size:
             line += (
@@ -520,12 +520,6 @@ def _trained_world_size(checkpoint: dict) -> Optional[int]:
     (written before the states were kept per rank)."""
     states = checkpoint.get("rng_states")
     return len(states) if isinstance(states, list) else None
-
-
-def _short(path: str | Path) -> str:
-    """A path under the working directory, relative to it."""
-    path = Path(os.path.realpath(path))
-    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def _check_vocabulary(ckpt_vocab: str, data: ShakespeareDataModule) -> None:

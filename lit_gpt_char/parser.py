@@ -14,6 +14,7 @@ from typing import Any, NoReturn, Optional
 
 from lightning.pytorch.cli import LightningArgumentParser
 
+from lit_gpt_char.errors import shown
 from lit_gpt_char.internals import parser_actions
 
 
@@ -51,15 +52,11 @@ def one_line(message: str) -> str:
         return f"--{key.group(1)} {given.group(1).strip()!r} is not one of: {allowed}"
     config = re.search(r'Parser key "config": File does not exist: \'(.*)\'', message)
     if config:
-        return f"config file {_shown(config.group(1))} does not exist; {_configs()}"
+        return f"config file {shown(config.group(1))} does not exist; {_configs()}"
     required = re.fullmatch(r"the following arguments are required: (.*)", message.strip())
     if required:
         return "missing " + ", ".join(f"--{name.strip()}" for name in required.group(1).split(","))
     return " ".join(message.split())
-
-
-def _shown(path: str) -> str:
-    return os.path.relpath(path) if Path(path).is_relative_to(Path.cwd()) else path
 
 
 def _configs() -> str:
@@ -67,5 +64,5 @@ def _configs() -> str:
     for folder in (Path("configs"), Path(__file__).resolve().parents[1] / "configs"):
         names = sorted(p.name for p in folder.glob("*.yaml"))
         if names:
-            return f"the configs in {_shown(str(folder.resolve()))}{os.sep}: {', '.join(names)}"
+            return f"the configs in {shown(str(folder.resolve()))}{os.sep}: {', '.join(names)}"
     return "pass --config FILE.yaml"
