@@ -12,7 +12,7 @@ import torch
 from lit_gpt_char.checkpoint import load_checkpoint
 from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.parser import CLIParser
-from lit_gpt_char.runs import newest_run
+from lit_gpt_char.runs import plan_run
 
 
 def sample(
@@ -62,10 +62,10 @@ def sample(
     elif device == "cuda" and not torch.cuda.is_available():
         raise LitGPTCharError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     if ckpt_path in ("last", "best"):  # as fit and validate read them: the newest run's
-        folder = newest_run()
-        if folder is None:
+        found = plan_run(ckpt_path, None).resume_from
+        if found is None:
             raise LitGPTCharError(f"--ckpt_path {ckpt_path}: there is no run in checkpoints/; pass a checkpoint file")
-        ckpt_path = str(folder / f"{ckpt_path}.ckpt")
+        ckpt_path = str(found)
     model, tokenizer = load_checkpoint(ckpt_path, device)
     ids = tokenizer.encode(prompt) if prompt else torch.zeros(1, dtype=torch.long)
     idx = ids.to(device)[None].repeat(num_samples, 1)
