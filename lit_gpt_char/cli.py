@@ -52,7 +52,7 @@ from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT, scaled_and_clipped
 from lit_gpt_char.monitor import LossChart, ProgressBar, Throughput
 from lit_gpt_char.parser import CLIParser
-from lit_gpt_char.precision import allow_clipping_with_fused_optimizers, auto_precision
+from lit_gpt_char.precision import allow_clipping_with_fused_optimizers, auto_precision, native_bf16
 from lit_gpt_char.runs import CHECKPOINTS, RUN_ENV, Run, claim, hold, plan_run
 from lit_gpt_char.sample import sample_cli
 
@@ -392,7 +392,7 @@ class LitGPTCLI(LightningCLI):
                 "--trainer.precision 16-mixed scales the loss, so a fused AdamW step cannot be clipped "
                 "(--trainer.gradient_clip_val): use --trainer.precision bf16-mixed, or --model.fused_adamw false"
             )
-        if scaled_and_clipped(trainer) and hp.fused_adamw is None:
+        if hp.fused_adamw is None and scaled_and_clipped(trainer):
             self._notes.append(
                 "note: 16-mixed scales the loss, and a fused AdamW step cannot be clipped: AdamW takes its plain step"
             )
@@ -474,8 +474,8 @@ def _auto_precision(accelerator: Any) -> tuple[str, str]:
     """--trainer.precision auto on the device --trainer.accelerator picks: its facts, read here, decide."""
     gpu = accelerator in ("auto", "gpu", "cuda")
     if gpu and torch.cuda.is_available():
-        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-        return auto_precision("cuda", bf16, torch.cuda.get_device_capability())
+        device = torch.device("cuda", torch.cuda.current_device())
+        return auto_precision("cuda", native_bf16(device), torch.cuda.get_device_capability(device))
     if accelerator in ("auto", "gpu", "mps") and torch.backends.mps.is_available():
         return auto_precision("mps", False)
     return auto_precision("cpu", False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.optim import Optimizer
@@ -37,6 +38,11 @@ def allow_clipping_with_fused_optimizers(plugin: Precision) -> Precision:
     if type(plugin) is MixedPrecision and plugin.precision == "bf16-mixed":
         return BF16MixedPrecision(plugin.device)
     return plugin
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU of compute capability 8.0 or later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def auto_precision(device: str, bf16_native: bool, capability: Optional[tuple[int, int]] = None) -> tuple[str, str]:
