@@ -137,7 +137,7 @@ class ElasticDDPStrategy(DDPStrategy):
 
     Under torchrun and srun, every attempt forms its process group on the store its global rank 0 hosts
     (:func:`job_store`), so no rank reads an address a previous, dead group left. Elsewhere (Lightning's own
-    processes, a single process) it is Lightning's ``DDPStrategy`` unchanged.
+    processes, a single process) Lightning's ``DDPStrategy`` forms it. Every process takes its group down at exit.
     """
 
     def setup_distributed(self) -> None:
@@ -154,9 +154,11 @@ class ElasticDDPStrategy(DDPStrategy):
                 world_size=self.world_size,
                 **kwargs,
             )
-            if self._get_process_group_backend() == "nccl":  # as Lightning does for the groups it creates
-                atexit.register(destroy_dist_connection)
         super().setup_distributed()  # Lightning's own set-up; it finds the group initialised and keeps it
+        # Lightning takes down only NCCL groups at exit. A gloo group left to the interpreter's finalization aborts
+        # the process now and then ("terminate called without an active exception": a worker thread of the group
+        # releases the last collective's tensors after Python stopped handing out the GIL), failing a finished job
+        atexit.register(destroy_dist_connection)
 
 
 # `--trainer.strategy ddp` (and "auto" with several devices or nodes) means this strategy

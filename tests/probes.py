@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -10,11 +11,25 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+_RECORDS: list[Path] = []  # the files Probe wrote in this process
+
+
+@atexit.register  # at import, before any Trainer exists: it runs after every exit handler the run registers
+def _record_exit() -> None:
+    """Whether the process group was still up when the interpreter began to finalize: a gloo group left to
+    finalization can abort the process (a worker thread of it releases the last collective's tensors without the
+    GIL: "terminate called without an active exception")."""
+    for path in _RECORDS:
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "process_group_at_exit": dist.is_initialized()}))
 
 
 class Probe(Callback):
-    """Writes ``out_dir/rank{r}.json``: the training windows this rank drew and the val losses it logged."""
+    """Writes ``out_dir/rank{r}.json``: the training windows this rank drew and the val losses it logged, and
+    at exit whether the process group was left up."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
@@ -37,7 +52,9 @@ class Probe(Callback):
             "batches": self.batches,
             "val_losses": self.val_losses,
         }
-        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+        path = self.out_dir / f"rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(record))
+        _RECORDS.append(path)
 
 
 class InjectNaN(Callback):
