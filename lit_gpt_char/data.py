@@ -13,7 +13,7 @@ batch being drawn.
 from __future__ import annotations
 
 import contextlib
-import re
+import functools
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,28 +23,14 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_only
 
-from lit_gpt_char.corpus import (
-    PACKAGED_TINY_SHAKESPEARE,
-    TINY_SHAKESPEARE_SHA256,
-    Corpus,
-    TokenStore,
-    directory,
-    make_dirs,
-    open_store,
-    packaged_tiny_shakespeare,
-    single_file,
-)
+from lit_gpt_char import corpus
 from lit_gpt_char.errors import LitGPTCharError
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 # windows read from the memory map between releases of its pages: the kernel maps 64-256 KiB around each
 # window read, so at most 16-64 MiB of the map stays resident
 RELEASE_EVERY_WINDOWS = 256
-
-
-@rank_zero_only
-def _say(message: str) -> None:
-    print(message, flush=True)
+_say = rank_zero_only(corpus.SAY)
 
 
 def _codepoints(text: str) -> torch.Tensor:
@@ -56,33 +42,18 @@ class CharTokenizer:
     """Characters ↔ ids, ids ordered by code point (``sorted(set(text))``, as in the lecture)."""
 
     def __init__(self, vocab: str) -> None:
-        if not vocab:
-            raise LitGPTCharError("the vocabulary is empty: the corpus has no characters")
-        if len(set(vocab)) != len(vocab) or list(vocab) != sorted(vocab):
-            raise LitGPTCharError("a vocabulary must list distinct characters in sorted order")
-        self.vocab = vocab
-        self._points = _codepoints(vocab)
+        self.vocab, self.vocab_size, self._points = vocab, len(vocab), _codepoints(vocab)
 
     @classmethod
-    def from_text(cls, text: str) -> tuple["CharTokenizer", torch.Tensor]:
-        """The tokenizer of ``text`` and ``text`` encoded with it, in one pass over the code points."""
+    def from_text(cls, text: str) -> tuple[CharTokenizer, torch.Tensor]:
+        """The tokenizer of ``text`` and ``text`` encoded with it (in the token store's dtype), in one pass."""
         points, ids = torch.unique(_codepoints(text), sorted=True, return_inverse=True)
-        tokenizer = cls("".join(map(chr, points.tolist())))
-        return tokenizer, ids.to(tokenizer.dtype)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The smallest dtype that holds every id (the token store's: uint8, uint16 or int32)."""
-        return torch.uint8 if self.vocab_size <= 256 else torch.uint16 if self.vocab_size <= 65536 else torch.int32
+        dtype = torch.uint8 if len(points) <= 256 else torch.uint16 if len(points) <= 65536 else torch.int32
+        return cls("".join(map(chr, points.tolist()))), ids.to(dtype)
 
     def encode(self, text: str) -> torch.Tensor:
         """Ids (int64) of ``text``; a character outside the vocabulary is an error naming it."""
-        missing = list(dict.fromkeys(ch for ch in text if ch not in self.vocab))
-        if missing:
+        if missing := list(dict.fromkeys(ch for ch in text if ch not in self.vocab)):
             shown = ", ".join(repr(ch) for ch in missing[:20])
             raise LitGPTCharError(
                 f"{len(missing)} character(s) not in the model's vocabulary of {self.vocab_size}: {shown}"
@@ -90,16 +61,13 @@ class CharTokenizer:
         return torch.searchsorted(self._points, _codepoints(text)).long()
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return "".join(self.vocab[i] for i in ids)
+        return "".join(self.vocab[i] for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids))
 
 
 def download(url: str, dest: Path, sha256: Optional[str]) -> None:
     """Fetch ``url`` to ``dest`` (torch.hub streams it to a temporary file beside ``dest`` and renames it into
     place once its sha256 checks out): a failed download leaves nothing behind, nor the folders made for it."""
-    created = make_dirs(dest.parent)
-    timeout = socket.getdefaulttimeout()
+    created, timeout = corpus.make_dirs(dest.parent), socket.getdefaulttimeout()
     socket.setdefaulttimeout(60)  # torch.hub sets none: a stalled server would hang the run
     try:
         torch.hub.download_url_to_file(url, str(dest), hash_prefix=sha256, progress=False)
@@ -109,25 +77,15 @@ def download(url: str, dest: Path, sha256: Optional[str]) -> None:
             f"Check --data.url, or pass --data.sha256 null to skip the check"
         ) from None
     except (OSError, ValueError) as err:  # urllib's URLError is an OSError
-        reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
         raise LitGPTCharError(
-            f"could not download the corpus from {url} ({reason}). Put the file at {dest}, "
-            f"or pass --data.path FILE to train on a local text file, or --data.url URL for another source"
+            f"could not download the corpus from {url} ({getattr(err, 'reason', None) or err}). Put the file at "
+            f"{dest}, or pass --data.path FILE to train on a local text file, or --data.url URL for another source"
         ) from None
     finally:
         socket.setdefaulttimeout(timeout)
-        if not dest.exists():
-            for d in created:
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-
-
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\"}
-
-
-def _unescape(text: str) -> str:
-    r"""``\n``, ``\t``, ``\r``, ``\0`` and ``\\`` typed on a command line, as the characters they name."""
-    return re.sub(r"\\([ntr0\\])", lambda m: _ESCAPES[m.group(1)], text)
+        with contextlib.suppress(OSError):
+            for d in created if not dest.exists() else []:
+                d.rmdir()
 
 
 def _mix(*values: int) -> int:
@@ -172,9 +130,8 @@ class RandomWindows:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
-            n = self.next_batch
             self.next_batch += 1
-            yield self.batch(n)
+            yield self.batch(self.next_batch - 1)
 
     def state_dict(self) -> dict[str, int]:
         return {"next_batch": self.next_batch}
@@ -265,7 +222,7 @@ class ShakespeareDataModule(LightningDataModule):
         path: Optional[str] = None,
         data_dir: str = "data/tinyshakespeare",
         url: str = TINY_SHAKESPEARE_URL,
-        sha256: Optional[str] = TINY_SHAKESPEARE_SHA256,
+        sha256: Optional[str] = corpus.TINY_SHAKESPEARE_SHA256,
         glob: Optional[str] = None,
         separator: str = "\\n",
         strict: bool = False,
@@ -280,53 +237,38 @@ class ShakespeareDataModule(LightningDataModule):
         on_device: bool = False,
     ) -> None:
         super().__init__()
-        for name in ("block_size", "batch_size", "val_batch_size", "max_vocab"):
-            if (value := locals()[name]) < 1:
+        for name in ("block_size", "batch_size", "val_batch_size", "max_vocab", "val_windows"):
+            if (value := locals()[name]) is not None and value < 1:
                 raise LitGPTCharError(f"--data.{name} must be at least 1, got {value}")
-        if val_windows is not None and val_windows < 1:
-            raise LitGPTCharError(f"--data.val_windows must be >= 1 (or null: the whole split), got {val_windows}")
         if not 0.0 < train_fraction < 1.0:
             raise LitGPTCharError(f"--data.train_fraction must be strictly between 0 and 1, got {train_fraction}")
         self.save_hyperparameters()  # into checkpoints: an evaluation scores the run's own validation windows
-        self.given_path = path
-        self.path = Path(path) if path is not None else Path(data_dir) / "input.txt"  # shown in messages
-        self.data_dir, self.url = Path(data_dir), url
-        self.sha256 = sha256 if path is None else None
-        self.glob, self.separator, self.strict = glob, _unescape(separator), strict
-        self.cache_dir, self.max_vocab, self.on_device = Path(cache_dir), max_vocab, on_device
-        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
-        self.train_fraction, self.val_windows, self.val_batch_size = train_fraction, val_windows, val_batch_size
-        self._store: Optional[TokenStore] = None
-        self._tokenizer: Optional[CharTokenizer] = None
-        self._ids: Optional[torch.Tensor] = None
+        vars(self).update(self.hparams)  # every argument an attribute; those below in the form used
+        self.given_path, self.data_dir, self.cache_dir = path, Path(data_dir), Path(cache_dir)
+        self.path = Path(path) if path is not None else self.data_dir / "input.txt"  # shown in messages
+        self.sha256 = sha256 if path is None else None  # a file given with path is the user's own: not checked
+        self.separator = separator.encode("latin-1", "backslashreplace").decode("unicode_escape")  # \\n → newline
         self._train: Optional[RandomWindows] = None
         self._device_train: Optional[torch.Tensor] = None
         self._windows_read = 0
 
     def __getstate__(self) -> dict:
         # spawned processes (ddp_spawn) map the cache themselves instead of receiving a copy of the corpus
-        state = {**self.__dict__, "_store": None, "_tokenizer": None, "_ids": None, "_device_train": None}
-        if self._train is not None:
-            state.update(_train=None, _resume_next_batch=self._train.next_batch)
-        return state
+        state = {k: v for k, v in vars(self).items() if k not in ("store", "tokenizer")}
+        return {**state, "_train": None, "_device_train": None}
 
-    def _corpus(self) -> Corpus:
+    def _corpus(self) -> corpus.Corpus:
         """What to tokenize: the user's file or directory, the default file, the packaged or a downloaded corpus."""
-        if self.given_path is not None:
-            path = Path(self.given_path)
-            if path.is_dir():
-                return directory(path, self.glob, self.separator, self.strict, exclude=self.cache_dir)
-            if self.glob is not None:
-                raise LitGPTCharError(f"--data.glob selects files in a directory, but --data.path {path} is a file")
-            return single_file(path)
-        default = self.path = self.data_dir / "input.txt"
-        if not default.exists():
+        if self.given_path is not None and self.path.is_dir():
+            return corpus.directory(self.path, self.glob, self.separator, self.strict, exclude=self.cache_dir)
+        if self.given_path is not None and self.glob is not None:
+            raise LitGPTCharError(f"--data.glob selects files in a directory, but --data.path {self.path} is a file")
+        if self.given_path is None and not (self.data_dir / "input.txt").exists():
             if self.url == TINY_SHAKESPEARE_URL:
-                corpus = packaged_tiny_shakespeare()
-                self.path = corpus.root
-                return corpus
-            download(self.url, default, self.sha256)
-        return single_file(default, self.sha256)
+                self.path = corpus.PACKAGED_TINY_SHAKESPEARE
+                return corpus.packaged_tiny_shakespeare()
+            download(self.url, self.path, self.sha256)
+        return corpus.single_file(self.path, self.sha256)
 
     def prepare_data(self) -> None:
         """Tokenize the corpus into the cache unless an up-to-date one is there, and check the splits (Lightning
@@ -334,31 +276,27 @@ class ShakespeareDataModule(LightningDataModule):
         vocabulary). Mapping the cache costs nothing: this process maps it too."""
         self._load()
 
-    @property
-    def store(self) -> TokenStore:
+    @functools.cached_property
+    def store(self) -> corpus.TokenStore:
         """The corpus's token store (its cache entry and memory map), built first if needed."""
-        if self._store is None:
-            store = open_store(self._corpus(), self.cache_dir)
-            if len(store.vocab) > self.max_vocab:
-                raise LitGPTCharError(
-                    f"corpus {self.path} has {len(store.vocab):,} distinct characters, more than --data.max_vocab "
-                    f"{self.max_vocab:,} (the model embeds each one); check that the corpus is the text you mean, "
-                    f"or raise --data.max_vocab"
-                )
-            self._store = store
-        return self._store
+        store = corpus.open_store(self._corpus(), self.cache_dir)
+        if len(store.vocab) > self.max_vocab:
+            raise LitGPTCharError(
+                f"corpus {self.path} has {len(store.vocab):,} distinct characters, more than --data.max_vocab "
+                f"{self.max_vocab:,} (the model embeds each one); check that the corpus is the text you mean, "
+                f"or raise --data.max_vocab"
+            )
+        return store
+
+    @functools.cached_property
+    def tokenizer(self) -> CharTokenizer:
+        tokenizer = CharTokenizer(self.store.vocab)
+        self._split_ids()  # fail on a too-short split now, before anything is built or written
+        return tokenizer
 
     def _load(self) -> tuple[CharTokenizer, torch.Tensor]:
-        """The tokenizer and the memory-mapped ids, once."""
-        if self._tokenizer is None:
-            self._tokenizer, self._ids = CharTokenizer(self.store.vocab), self.store.ids
-            self._split_ids()  # fail on a too-short split now, before anything is built or written
-        assert self._ids is not None
-        return self._tokenizer, self._ids
-
-    @property
-    def tokenizer(self) -> CharTokenizer:
-        return self._load()[0]
+        """The tokenizer and the memory-mapped ids."""
+        return self.tokenizer, self.store.ids
 
     @property
     def vocab(self) -> str:
@@ -370,9 +308,8 @@ class ShakespeareDataModule(LightningDataModule):
         return self.tokenizer.vocab_size
 
     def _split_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self._load()[1]
-        n = int(self.train_fraction * len(ids))
-        train, val = ids[:n], ids[n:]
+        ids = self.store.ids
+        train, val = ids.split([int(self.train_fraction * len(ids)), len(ids) - int(self.train_fraction * len(ids))])
         for name, split in (("training", train), ("validation", val)):
             if len(split) < self.block_size + 1:
                 raise LitGPTCharError(
@@ -385,73 +322,55 @@ class ShakespeareDataModule(LightningDataModule):
     def scored(self) -> str:
         """What an evaluation scores, in words."""
         _, val = self._split_ids()
-        corpus = "the packaged Tiny Shakespeare" if self.path == PACKAGED_TINY_SHAKESPEARE else self.path
+        source = "the packaged Tiny Shakespeare" if self.path == corpus.PACKAGED_TINY_SHAKESPEARE else self.path
         if self.val_windows is None:
             n = -(-(len(val) - 1) // self.block_size)
-            return f"the whole validation split of {corpus} ({n:,} windows of {self.block_size} characters)"
-        return f"{self.val_windows:,} fixed windows of {self.block_size} characters of the validation split of {corpus}"
+            return f"the whole validation split of {source} ({n:,} windows of {self.block_size} characters)"
+        return f"{self.val_windows:,} fixed windows of {self.block_size} characters of the validation split of {source}"
 
     def setup(self, stage: str) -> None:
         self._load()  # maps the cache on every rank
         self.val_dataloader()  # too few validation windows for the world size: the error comes now, not mid-run
 
-    def _rank(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def _on(self, train: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """``train`` on ``device`` if it fits there, copied in slices (host memory stays small); else ``train``."""
+        """``train`` on ``device`` if it fits there (copied once, the map's pages let go after), else ``train``."""
         if device.type == "cpu":
             return train  # the memory map already is in host memory
-        if self._device_train is not None and self._device_train.device == device:
-            return self._device_train
-        size = train.numel() * train.element_size()
-        if device.type == "cuda" and size > (free := torch.cuda.mem_get_info(device)[0]) // 2:
-            _say(
-                f"data: the training ids ({size / 1e9:.2f} GB) do not fit in half of {device}'s free memory "
-                f"({free / 1e9:.2f} GB): windows are gathered on the host and sent through pinned memory"
-            )
-            return train
-        on_device = torch.empty(train.shape, dtype=train.dtype, device=device)
-        step = 64 << 20
-        for i in range(0, train.numel(), step):
-            on_device[i : i + step].copy_(train[i : i + step])
-            if self._store is not None:
-                self._store.release()  # what the copy read of the map does not stay resident
-        _say(f"data: the training ids ({size / 1e6:,.1f} MB) are on {device}; windows are drawn there")
-        self._device_train = on_device
-        return on_device
+        if self._device_train is None or self._device_train.device != device:
+            size = train.numel() * train.element_size()
+            if device.type == "cuda" and size > (free := torch.cuda.mem_get_info(device)[0]) // 2:
+                _say(
+                    f"data: the training ids ({size / 1e9:.2f} GB) do not fit in half of {device}'s free memory "
+                    f"({free / 1e9:.2f} GB): windows are gathered on the host"
+                )
+                return train
+            self._device_train = train.to(device)
+            self.store.release()
+            _say(f"data: the training ids ({size / 1e6:,.1f} MB) are on {device}; windows are drawn there")
+        return self._device_train
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Every RELEASE_EVERY_WINDOWS windows drawn from the memory map, let its pages go: the map's resident
         part stays small however large the corpus and however long the run."""
-        if self._store is not None:
-            self._windows_read += len(batch[0])
-            if self._windows_read >= RELEASE_EVERY_WINDOWS:
-                self._store.release()
-                self._windows_read = 0
+        self._windows_read += len(batch[0])
+        if self._windows_read >= RELEASE_EVERY_WINDOWS:
+            self.store.release()
+            self._windows_read = 0
         return batch
-
-    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        """Windows gathered on the host reach a GPU through pinned memory, without blocking the host."""
-        if device.type == "cuda" and all(t.device.type == "cpu" for t in batch):  # (x, y), from our loaders
-            return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> RandomWindows:
         train, _ = self._split_ids()
         if self.on_device and self.trainer is not None:
             train = self._on(train, self.trainer.strategy.root_device)
-        rank, _ = self._rank()
-        next_batch = self._train.next_batch if self._train is not None else self.__dict__.pop("_resume_next_batch", 0)
-        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
-        self._train = RandomWindows(train, self.batch_size, self.block_size, self.seed, rank, accumulate)
-        self._train.next_batch = next_batch  # a new loader (another epoch, a resumed run) goes on where it was
-        return self._train
+        rank, accumulate = (self.trainer.global_rank, self.trainer.accumulate_grad_batches) if self.trainer else (0, 1)
+        stream = RandomWindows(train, self.batch_size, self.block_size, self.seed, rank, accumulate)
+        stream.next_batch = self._train.next_batch if self._train is not None else 0  # a new epoch goes on
+        self._train = stream
+        return stream
 
     def val_dataloader(self) -> FixedWindows:
         _, val = self._split_ids()
-        rank, world_size = self._rank()
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return FixedWindows(val, self.block_size, self.val_windows, self.val_batch_size, rank, world_size)
 
     def test_dataloader(self) -> FixedWindows:
