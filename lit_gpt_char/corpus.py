@@ -22,7 +22,6 @@ the size its metadata records is rebuilt, with a line saying so.
 from __future__ import annotations
 
 import codecs
-import contextlib
 import fnmatch
 import functools
 import gzip
@@ -112,10 +111,6 @@ def single_file(path: Path, sha256: Optional[str] = None, kind: str = "file") ->
             f"write it to a file first, e.g. cat a.txt b.txt > corpus.txt, and pass --data.path corpus.txt"
         )
     return Corpus(kind, path, [_source(path, str(path), st)], sha256=sha256)
-
-
-def packaged_tiny_shakespeare() -> Corpus:
-    return single_file(PACKAGED_TINY_SHAKESPEARE, TINY_SHAKESPEARE_SHA256, kind="package")
 
 
 def tiny_shakespeare_text() -> str:
@@ -218,9 +213,9 @@ def _encode(text: str, table: np.ndarray) -> bytes:
     return table[_points(text)].tobytes()
 
 
-def _tokenize(corpus: Corpus, ids_path: Path, bar: tqdm) -> dict:
-    """Pass 1 (which files are text: the others skipped in a directory, else an error; their characters), then
-    pass 2 (``ids_path`` written); the cache's metadata but its fingerprint."""
+def _scan(corpus: Corpus, bar: tqdm) -> tuple[list[SourceFile], dict]:
+    """Pass 1: the files that are text (the others skipped in a directory, else an error) and the cache's metadata
+    but the dtype: their characters (the vocabulary), counts, the files skipped."""
     is_dir, gz = corpus.kind == "directory", corpus.kind == "package"
     seen, texts, skipped, tokens, size = np.zeros(0x110000, dtype=bool), [], [], 0, 0
     hasher = hashlib.sha256() if corpus.sha256 is not None else None
@@ -263,23 +258,33 @@ def _tokenize(corpus: Corpus, ids_path: Path, bar: tqdm) -> dict:
         tokens += len(corpus.separator) * (len(texts) - 1)
     if tokens == 0:
         raise LitGPTCharError(f"corpus {corpus.kind} {corpus.root} is empty; pass a UTF-8 text file with --data.path")
+    vocab = "".join(map(chr, np.flatnonzero(seen).tolist()))
+    meta = dict(fingerprint=corpus.fingerprint, source=str(corpus.root), files=len(texts), skipped=skipped, bytes=size,
+                tokens=tokens, vocab=vocab, sha256=corpus.sha256)  # fmt: skip
+    return texts, meta
 
-    chars = np.flatnonzero(seen)
-    table = np.zeros(0x110000, np.uint8 if len(chars) <= 256 else np.uint16 if len(chars) <= 65536 else np.int32)
-    table[chars] = np.arange(len(chars))
-    with open(ids_path, "wb") as out:
+
+def _write(corpus: Corpus, texts: list[SourceFile], meta: dict, entry: Path, bar: tqdm) -> None:
+    """Pass 2: each character's id into a temporary file, then renamed into place with the metadata."""
+    chars, n = _points(meta["vocab"]), len(meta["vocab"])
+    table = np.zeros(0x110000, np.uint8 if n <= 256 else np.uint16 if n <= 65536 else np.int32)
+    table[chars], meta["dtype"] = np.arange(n), table.dtype.name
+    with open(entry / (IDS + TMP), "wb") as out:
         try:
             for i, file in enumerate(texts):
                 out.write(_encode(corpus.separator, table) if i else b"")
-                for data, text in _texts(file, gz, forbid_nul=False):
+                for data, text in _texts(file, corpus.kind == "package", forbid_nul=False):
                     out.write(_encode(text, table))
                     bar.update(len(data))
         except _NotText:
             pass  # a file gone or unreadable since pass 1: the count below tells
-        if out.tell() != tokens * table.itemsize:  # a file grew or shrank since pass 1
+        if out.tell() != meta["tokens"] * table.itemsize:  # a file grew or shrank since pass 1
             raise LitGPTCharError(f"{corpus.label} changed while it was being tokenized; run again")
-    return dict(source=str(corpus.root), files=len(texts), skipped=skipped, bytes=size, tokens=tokens,
-                dtype=table.dtype.name, vocab="".join(map(chr, chars.tolist())), sha256=corpus.sha256)  # fmt: skip
+    # metadata out, ids in, metadata in: at every instant, either no metadata or a matching pair
+    (entry / (META + TMP)).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    (entry / META).unlink(missing_ok=True)
+    os.replace(entry / (IDS + TMP), entry / IDS)
+    os.replace(entry / (META + TMP), entry / META)
 
 
 # ---- the cache ----
@@ -306,13 +311,6 @@ class TokenStore:
         self._map.madvise(mmap.MADV_DONTNEED)
 
 
-def make_dirs(path: Path) -> list[Path]:
-    """Make ``path`` and its missing parents; the ones this call created, deepest first."""
-    missing = [p for p in [path, *path.parents] if not p.exists()]
-    path.mkdir(parents=True, exist_ok=True)
-    return missing
-
-
 def _read_valid(entry: Path, corpus: Corpus) -> tuple[Optional[dict], Optional[str]]:
     """(metadata, None) for a usable cache; (None, why) otherwise, why None when nothing is damaged."""
     if not (entry / META).exists():
@@ -332,23 +330,46 @@ def _read_valid(entry: Path, corpus: Corpus) -> tuple[Optional[dict], Optional[s
     return meta, None
 
 
-def _build(corpus: Corpus, entry: Path, changed: bool, say: Say) -> dict:
+def open_store(corpus: Corpus, cache_dir: Path, say: Say = SAY) -> TokenStore:
+    """The token store of ``corpus`` in ``cache_dir``: reused when its fingerprint matches, else (re)built.
+
+    A build reads the corpus once (pass 1, its checks) before anything is written, so an unusable corpus leaves
+    no trace, then writes under the entry's lock; a preparer that waited for the lock finds the cache built.
+    """
+    entry = cache_dir / corpus.key
+    if (meta := _read_valid(entry, corpus)[0]) is not None:  # metadata is renamed into place last: no lock needed
+        return TokenStore(entry, meta)
     start, total = time.perf_counter(), 2 * sum(f.version[0] for f in corpus.files)
-    try:
-        with tqdm(
-            total=total, desc=f"tokenizing {corpus.label}", unit="B", unit_scale=True, leave=False, disable=None
-        ) as bar:
-            meta = {"fingerprint": corpus.fingerprint, **_tokenize(corpus, entry / (IDS + TMP), bar)}
-        seconds = time.perf_counter() - start
-        # metadata out, ids in, metadata in: at every instant, either no metadata or a matching pair
-        (entry / (META + TMP)).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        (entry / META).unlink(missing_ok=True)
-        os.replace(entry / (IDS + TMP), entry / IDS)
-        os.replace(entry / (META + TMP), entry / META)
-    finally:
-        for path in entry.glob(f"*{TMP}*"):
-            path.unlink(missing_ok=True)
-    mb, skipped = meta["bytes"] / 1e6, meta["skipped"]
+    with tqdm(
+        total=total, desc=f"tokenizing {corpus.label}", unit="B", unit_scale=True, leave=False, disable=None
+    ) as bar:
+        texts, meta = _scan(corpus, bar)
+        try:
+            entry.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(entry / LOCK)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "flock not supported", UserWarning)  # filelock's fallback: fine
+                try:
+                    held = lock.acquire(timeout=0)
+                except Timeout:
+                    say(f"waiting for another process that is preparing the corpus cache {entry}")
+                    held = lock.acquire()
+            with held:
+                for path in entry.glob(f"*{TMP}*"):  # of builds that died: only the holder of the lock writes any
+                    path.unlink(missing_ok=True)
+                found, damaged = _read_valid(entry, corpus)
+                if found is not None:
+                    return TokenStore(entry, found)
+                if damaged:
+                    say(f"corpus cache {entry} {damaged}: rebuilding it")
+                changed = (entry / META).exists() and not damaged
+                _write(corpus, texts, meta, entry, bar)
+        except OSError as err:  # not writable, full, or without file locks (NFS without its lock service)
+            raise LitGPTCharError(
+                f"cannot use the corpus cache {entry}: {err.strerror or err}; "
+                f"pass --data.cache_dir DIR (a writable folder with room, on a local disk)"
+            ) from None
+    mb, seconds, skipped = meta["bytes"] / 1e6, time.perf_counter() - start, meta["skipped"]
     files = f"{meta['files']:,} file{'s' * (meta['files'] != 1)}, " if corpus.kind == "directory" else ""
     why = " again (the corpus changed since it was cached)" if changed else ""
     say(
@@ -361,46 +382,4 @@ def _build(corpus: Corpus, entry: Path, changed: bool, say: Say) -> dict:
             f"skipped {len(skipped)} of {len(corpus.files)} files under {corpus.root} that are not UTF-8 text: "
             f"{', '.join(skipped[:3])}{more}; --data.strict true makes this an error"
         )
-    return meta
-
-
-def open_store(corpus: Corpus, cache_dir: Path, say: Say = SAY) -> TokenStore:
-    """The token store of ``corpus`` in ``cache_dir``: reused when its fingerprint matches, else (re)built.
-
-    A build that gives up (the corpus is unusable) removes the entry while it holds the lock; a process
-    waiting for it then finds the folder gone and starts over.
-    """
-    entry = cache_dir / corpus.key
-    try:
-        while True:
-            created, lock = make_dirs(entry), FileLock(entry / LOCK)
-            with contextlib.suppress(FileNotFoundError), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "flock not supported", UserWarning)  # filelock's fallback: fine
-                try:
-                    held = lock.acquire(timeout=0)
-                except Timeout:
-                    say(f"waiting for another process that is preparing the corpus cache {entry}")
-                    held = lock.acquire()
-                break
-        with held:
-            try:
-                for path in entry.glob(f"*{TMP}*"):  # of builds that died: only the holder of the lock writes any
-                    path.unlink(missing_ok=True)
-                meta, damaged = _read_valid(entry, corpus)
-                if meta is None:
-                    if damaged:
-                        say(f"corpus cache {entry} {damaged}: rebuilding it")
-                    meta = _build(corpus, entry, (entry / META).exists() and not damaged, say)
-                return TokenStore(entry, meta)
-            except BaseException:
-                if not (entry / META).exists():  # nothing built (the corpus is unusable): leave no trace
-                    with contextlib.suppress(OSError):
-                        (entry / LOCK).unlink(missing_ok=True)
-                        for d in created:
-                            d.rmdir()
-                raise
-    except OSError as err:  # not writable, full, or without file locks (NFS without its lock service)
-        raise LitGPTCharError(
-            f"cannot use the corpus cache {entry}: {err.strerror or err}; "
-            f"pass --data.cache_dir DIR (a writable folder with room, on a local disk)"
-        ) from None
+    return TokenStore(entry, meta)

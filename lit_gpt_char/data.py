@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import random
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,7 +55,7 @@ class CharTokenizer:
     def encode(self, text: str) -> torch.Tensor:
         """Ids (int64) of ``text``; a character outside the vocabulary is an error naming it."""
         if missing := list(dict.fromkeys(ch for ch in text if ch not in self.vocab)):
-            shown = ", ".join(repr(ch) for ch in missing[:20])
+            shown = ", ".join(map(repr, missing[:20]))
             raise LitGPTCharError(
                 f"{len(missing)} character(s) not in the model's vocabulary of {self.vocab_size}: {shown}"
             )
@@ -67,7 +68,9 @@ class CharTokenizer:
 def download(url: str, dest: Path, sha256: Optional[str]) -> None:
     """Fetch ``url`` to ``dest`` (torch.hub streams it to a temporary file beside ``dest`` and renames it into
     place once its sha256 checks out): a failed download leaves nothing behind, nor the folders made for it."""
-    created, timeout = corpus.make_dirs(dest.parent), socket.getdefaulttimeout()
+    created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]  # removed again if it fails
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(60)  # torch.hub sets none: a stalled server would hang the run
     try:
         torch.hub.download_url_to_file(url, str(dest), hash_prefix=sha256, progress=False)
@@ -89,12 +92,8 @@ def download(url: str, dest: Path, sha256: Optional[str]) -> None:
 
 
 def _mix(*values: int) -> int:
-    """A 63-bit seed from several integers (splitmix64 steps), so nearby inputs give unrelated streams."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-    return h >> 1
+    """A 63-bit seed from several integers, so nearby inputs give unrelated streams (a str seed is hashed: sha512)."""
+    return random.Random(repr(values)).getrandbits(63)
 
 
 class RandomWindows:
@@ -106,14 +105,10 @@ class RandomWindows:
     accumulation windows of ``accumulate`` batches (Lightning steps early on an epoch's last batch).
     """
 
-    def __init__(
-        self, ids: torch.Tensor, batch_size: int, block_size: int, seed: int, rank: int, accumulate: int = 1
-    ) -> None:
-        self.ids, self.batch_size, self.block_size = ids, batch_size, block_size
-        self.seed, self.rank, self.accumulate = seed, rank, accumulate
-        self.next_batch = 0
-        self._offsets = torch.arange(block_size + 1, device=ids.device)
-        self._generator = torch.Generator(device=ids.device)
+    def __init__(self, ids: torch.Tensor, batch_size: int, block_size: int, seed: int, rank: int, accumulate: int = 1,
+                 next_batch: int = 0) -> None:  # fmt: skip
+        self.ids, self.batch_size, self.block_size, self.seed = ids, batch_size, block_size, seed
+        self.rank, self.accumulate, self.next_batch = rank, accumulate, next_batch
 
     def __len__(self) -> int:
         windows = max(1, -(-(len(self.ids) // (self.batch_size * self.block_size)) // self.accumulate))
@@ -121,11 +116,10 @@ class RandomWindows:
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``n`` of this rank's stream: x (B, T) and y, x shifted by one (int64)."""
-        self._generator.manual_seed(_mix(self.seed, self.rank, n))
-        start = torch.randint(
-            len(self.ids) - self.block_size, (self.batch_size,), generator=self._generator, device=self.ids.device
-        )
-        windows = self.ids[start[:, None] + self._offsets].long()  # one gather: (B, T + 1)
+        device = self.ids.device
+        generator = torch.Generator(device).manual_seed(_mix(self.seed, self.rank, n))
+        start = torch.randint(len(self.ids) - self.block_size, (self.batch_size,), generator=generator, device=device)
+        windows = self.ids[start[:, None] + torch.arange(self.block_size + 1, device=device)].long()  # one gather
         return windows[:, :-1], windows[:, 1:]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -248,9 +242,7 @@ class ShakespeareDataModule(LightningDataModule):
         self.path = Path(path) if path is not None else self.data_dir / "input.txt"  # shown in messages
         self.sha256 = sha256 if path is None else None  # a file given with path is the user's own: not checked
         self.separator = separator.encode("latin-1", "backslashreplace").decode("unicode_escape")  # \\n → newline
-        self._train: Optional[RandomWindows] = None
-        self._device_train: Optional[torch.Tensor] = None
-        self._windows_read = 0
+        self._train, self._device_train, self._windows_read = None, None, 0  # the stream, the ids on the device
 
     def __getstate__(self) -> dict:
         # spawned processes (ddp_spawn) map the cache themselves instead of receiving a copy of the corpus
@@ -266,7 +258,7 @@ class ShakespeareDataModule(LightningDataModule):
         if self.given_path is None and not (self.data_dir / "input.txt").exists():
             if self.url == TINY_SHAKESPEARE_URL:
                 self.path = corpus.PACKAGED_TINY_SHAKESPEARE
-                return corpus.packaged_tiny_shakespeare()
+                return corpus.single_file(self.path, corpus.TINY_SHAKESPEARE_SHA256, kind="package")
             download(self.url, self.path, self.sha256)
         return corpus.single_file(self.path, self.sha256)
 
@@ -334,8 +326,6 @@ class ShakespeareDataModule(LightningDataModule):
 
     def _on(self, train: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``train`` on ``device`` if it fits there (copied once, the map's pages let go after), else ``train``."""
-        if device.type == "cpu":
-            return train  # the memory map already is in host memory
         if self._device_train is None or self._device_train.device != device:
             size = train.numel() * train.element_size()
             if device.type == "cuda" and size > (free := torch.cuda.mem_get_info(device)[0]) // 2:
@@ -363,10 +353,9 @@ class ShakespeareDataModule(LightningDataModule):
         if self.on_device and self.trainer is not None:
             train = self._on(train, self.trainer.strategy.root_device)
         rank, accumulate = (self.trainer.global_rank, self.trainer.accumulate_grad_batches) if self.trainer else (0, 1)
-        stream = RandomWindows(train, self.batch_size, self.block_size, self.seed, rank, accumulate)
-        stream.next_batch = self._train.next_batch if self._train is not None else 0  # a new epoch goes on
-        self._train = stream
-        return stream
+        next_batch = self._train.next_batch if self._train is not None else 0  # a new epoch goes on
+        self._train = RandomWindows(train, self.batch_size, self.block_size, self.seed, rank, accumulate, next_batch)
+        return self._train
 
     def val_dataloader(self) -> FixedWindows:
         _, val = self._split_ids()
