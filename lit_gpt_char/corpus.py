@@ -101,10 +101,8 @@ def single_file(path: Path, sha256: Optional[str] = None, kind: str = "file") ->
     try:
         st = path.stat()
     except OSError as err:
-        missing = f"corpus path {path} does not exist; pass --data.path a text file or a folder of them"
-        raise LitGPTCharError(
-            missing if isinstance(err, FileNotFoundError) else f"cannot read corpus path {path}: {err.strerror}"
-        ) from None
+        why = "does not exist" if isinstance(err, FileNotFoundError) else f"cannot be read ({err.strerror})"
+        raise LitGPTCharError(f"corpus path {path} {why}; pass --data.path a text file or a folder of them") from None
     if not path.is_file():  # a pipe is read once (or waits for a writer forever), /dev/zero never ends
         raise LitGPTCharError(
             f"corpus file {path} is not a regular file (a pipe or a device can be read only once, or never ends); "
@@ -114,11 +112,8 @@ def single_file(path: Path, sha256: Optional[str] = None, kind: str = "file") ->
 
 
 def tiny_shakespeare_text() -> str:
-    """The packaged Tiny Shakespeare, decompressed and checked against its sha256."""
-    data = gzip.decompress(PACKAGED_TINY_SHAKESPEARE.read_bytes())
-    if hashlib.sha256(data).hexdigest() != TINY_SHAKESPEARE_SHA256:
-        raise LitGPTCharError(f"the packaged Tiny Shakespeare ({PACKAGED_TINY_SHAKESPEARE}) is damaged: reinstall")
-    return data.decode("utf-8")
+    """The packaged Tiny Shakespeare, decompressed (its sha256 is checked when it is tokenized)."""
+    return gzip.decompress(PACKAGED_TINY_SHAKESPEARE.read_bytes()).decode("utf-8")
 
 
 def glob_match(pattern: str, path: str) -> bool:
@@ -173,9 +168,7 @@ class _NotText(Exception):
 
     def __init__(self, offset: int, what: str) -> None:
         super().__init__(f"unreadable ({what})" if offset < 0 else f"{what} at byte offset {offset}")
-        self.alone = (
-            f"cannot be read ({what})" if offset < 0 else f"is not UTF-8 text (invalid byte at offset {offset})"
-        )
+        self.one = f"cannot be read ({what})" if offset < 0 else f"is not UTF-8 text (invalid byte at offset {offset})"
 
 
 def _texts(file: SourceFile, gz: bool, forbid_nul: bool) -> Iterator[tuple[bytes, str]]:
@@ -230,8 +223,9 @@ def _scan(corpus: Corpus, bar: tqdm) -> tuple[list[SourceFile], dict]:
                 bar.update(len(data))
         except _NotText as err:
             if not is_dir:
-                name = "the packaged Tiny Shakespeare" if gz else f"corpus file {file.name}"
-                raise LitGPTCharError(f"{name} {err.alone}; pass a UTF-8 text file with --data.path") from None
+                raise LitGPTCharError(
+                    f"corpus {corpus.label} {err.one}; pass a UTF-8 text file with --data.path"
+                ) from None
             if corpus.strict:
                 raise LitGPTCharError(
                     f"file {file.name} in corpus directory {corpus.root} is not UTF-8 text: {err} "
@@ -257,7 +251,7 @@ def _scan(corpus: Corpus, bar: tqdm) -> tuple[list[SourceFile], dict]:
         seen[[ord(c) for c in corpus.separator]] = True
         tokens += len(corpus.separator) * (len(texts) - 1)
     if tokens == 0:
-        raise LitGPTCharError(f"corpus {corpus.kind} {corpus.root} is empty; pass a UTF-8 text file with --data.path")
+        raise LitGPTCharError(f"corpus {corpus.label} is empty; pass a UTF-8 text file with --data.path")
     vocab = "".join(map(chr, np.flatnonzero(seen).tolist()))
     meta = dict(fingerprint=corpus.fingerprint, source=str(corpus.root), files=len(texts), skipped=skipped, bytes=size,
                 tokens=tokens, vocab=vocab, sha256=corpus.sha256)  # fmt: skip
@@ -339,10 +333,8 @@ def open_store(corpus: Corpus, cache_dir: Path, say: Say = SAY) -> TokenStore:
     entry = cache_dir / corpus.key
     if (meta := _read_valid(entry, corpus)[0]) is not None:  # metadata is renamed into place last: no lock needed
         return TokenStore(entry, meta)
-    start, total = time.perf_counter(), 2 * sum(f.version[0] for f in corpus.files)
-    with tqdm(
-        total=total, desc=f"tokenizing {corpus.label}", unit="B", unit_scale=True, leave=False, disable=None
-    ) as bar:
+    start, n = time.perf_counter(), 2 * sum(f.version[0] for f in corpus.files)
+    with tqdm(total=n, desc=f"tokenizing {corpus.label}", unit="B", unit_scale=True, leave=False, disable=None) as bar:
         texts, meta = _scan(corpus, bar)
         try:
             entry.mkdir(parents=True, exist_ok=True)

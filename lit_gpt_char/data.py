@@ -149,8 +149,7 @@ class FixedWindows:
         if count is None:
             starts = torch.arange(0, len(ids) - 1, block_size)
         else:
-            generator = torch.Generator().manual_seed(0)
-            starts = torch.randint(len(ids) - block_size, (count,), generator=generator)
+            starts = torch.randint(len(ids) - block_size, (count,), generator=torch.Generator().manual_seed(0))
         if len(starts) < world_size:
             # a rank with nothing to evaluate would leave the others waiting in the val/loss sync
             raise LitGPTCharError(
@@ -159,10 +158,9 @@ class FixedWindows:
             )
         self.ids, self.block_size = ids, block_size
         # the last tile may be short: batches keep one length, so a ragged tail comes as its own batch
-        self._batches: list[torch.Tensor] = []
-        for chunk in starts[rank::world_size].split(batch_size):
-            full = chunk[chunk + block_size < len(ids)]
-            self._batches += [group for group in (full, chunk[len(full) :]) if len(group)]
+        mine = starts[rank::world_size]
+        full = mine[mine + block_size < len(ids)]  # all but a short last tile (the starts ascend)
+        self._batches = [*full.split(batch_size), *([mine[len(full) :]] if len(mine) > len(full) else [])]
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -211,25 +209,12 @@ class ShakespeareDataModule(LightningDataModule):
             sent through pinned memory.
     """
 
-    def __init__(
-        self,
-        path: Optional[str] = None,
-        data_dir: str = "data/tinyshakespeare",
-        url: str = TINY_SHAKESPEARE_URL,
-        sha256: Optional[str] = corpus.TINY_SHAKESPEARE_SHA256,
-        glob: Optional[str] = None,
-        separator: str = "\\n",
-        strict: bool = False,
-        cache_dir: str = "data/cache",
-        max_vocab: int = 65536,
-        block_size: int = 32,
-        batch_size: int = 16,
-        train_fraction: float = 0.9,
-        val_windows: Optional[int] = 3200,
-        val_batch_size: int = 200,
-        seed: int = 1337,
-        on_device: bool = False,
-    ) -> None:
+    def __init__(self, path: Optional[str] = None, data_dir: str = "data/tinyshakespeare",
+                 url: str = TINY_SHAKESPEARE_URL, sha256: Optional[str] = corpus.TINY_SHAKESPEARE_SHA256,
+                 glob: Optional[str] = None, separator: str = "\\n", strict: bool = False,
+                 cache_dir: str = "data/cache", max_vocab: int = 65536, block_size: int = 32, batch_size: int = 16,
+                 train_fraction: float = 0.9, val_windows: Optional[int] = 3200, val_batch_size: int = 200,
+                 seed: int = 1337, on_device: bool = False) -> None:  # fmt: skip
         super().__init__()
         for name in ("block_size", "batch_size", "val_batch_size", "max_vocab", "val_windows"):
             if (value := locals()[name]) is not None and value < 1:
@@ -275,8 +260,7 @@ class ShakespeareDataModule(LightningDataModule):
         if len(store.vocab) > self.max_vocab:
             raise LitGPTCharError(
                 f"corpus {self.path} has {len(store.vocab):,} distinct characters, more than --data.max_vocab "
-                f"{self.max_vocab:,} (the model embeds each one); check that the corpus is the text you mean, "
-                f"or raise --data.max_vocab"
+                f"{self.max_vocab:,} (the model embeds each one): is it the text you mean? Or raise --data.max_vocab"
             )
         return store
 
@@ -300,14 +284,12 @@ class ShakespeareDataModule(LightningDataModule):
         return self.tokenizer.vocab_size
 
     def _split_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self.store.ids
-        train, val = ids.split([int(self.train_fraction * len(ids)), len(ids) - int(self.train_fraction * len(ids))])
+        train, val = self.store.ids.tensor_split([int(self.train_fraction * len(self.store.ids))])
         for name, split in (("training", train), ("validation", val)):
             if len(split) < self.block_size + 1:
                 raise LitGPTCharError(
                     f"the {name} split of {self.path} has {len(split)} characters, fewer than block_size + 1 = "
-                    f"{self.block_size + 1}; use a longer corpus, a smaller --data.block_size or another "
-                    f"--data.train_fraction"
+                    f"{self.block_size + 1}; use a longer corpus, a smaller --data.block_size or --data.train_fraction"
                 )
         return train, val
 
@@ -334,8 +316,7 @@ class ShakespeareDataModule(LightningDataModule):
                     f"({free / 1e9:.2f} GB): windows are gathered on the host"
                 )
                 return train
-            self._device_train = train.to(device)
-            self.store.release()
+            self._device_train = train.to(device)  # the map's pages it read are let go with the next release
             _say(f"data: the training ids ({size / 1e6:,.1f} MB) are on {device}; windows are drawn there")
         return self._device_train
 
@@ -362,6 +343,4 @@ class ShakespeareDataModule(LightningDataModule):
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return FixedWindows(val, self.block_size, self.val_windows, self.val_batch_size, rank, world_size)
 
-    def test_dataloader(self) -> FixedWindows:
-        # the lecture has no test split: `test` evaluates the validation windows
-        return self.val_dataloader()
+    test_dataloader = val_dataloader  # the lecture has no test split: `test` evaluates the validation windows
