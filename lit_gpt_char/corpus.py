@@ -50,8 +50,7 @@ IDS, META, LOCK, TMP = "ids.bin", "meta.json", "lock", ".tmp"
 PACKAGED_TINY_SHAKESPEARE = Path(__file__).resolve().parent / "corpora" / "tinyshakespeare.txt.gz"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
-Say = Callable[[str], None]
-SAY: Say = functools.partial(print, flush=True)
+SAY = functools.partial(print, flush=True)
 
 # ---- what to tokenize ----
 
@@ -119,25 +118,20 @@ def tiny_shakespeare_text() -> str:
 def glob_match(pattern: str, path: str) -> bool:
     """A glob over paths relative to the corpus directory: ``*``, ``?`` and ``[...]`` stay within one folder,
     ``**`` spans folders. A pattern without ``/`` matches file names at any depth."""
-    pattern = pattern.strip("/")
-    if "/" not in pattern and not pattern.startswith("**"):
-        pattern = "**/" + pattern
+    globs = pattern.strip("/").split("/")
 
     def match(parts: list[str], globs: list[str]) -> bool:
         if not globs or globs[0] == "**":
             return not globs or any(match(parts[i:], globs[1:]) for i in range(len(parts) + 1))
         return bool(parts) and fnmatch.fnmatchcase(parts[0], globs[0]) and match(parts[1:], globs[1:])
 
-    return match(path.split("/"), pattern.split("/"))
+    return match(path.split("/"), globs if len(globs) > 1 else ["**", *globs])
 
 
-def directory(
-    root: Path, glob: Optional[str] = None, separator: str = "\n", strict: bool = False, exclude: Optional[Path] = None
-) -> Corpus:
+def directory(root: Path, glob: Optional[str], separator: str, strict: bool, exclude: Path) -> Corpus:
     """Every regular file under ``root`` (recursively; names starting with "." skipped, as are ``exclude``
     and what is under it), sorted by relative path, those matching ``glob`` if given."""
-    skip = exclude.resolve() if exclude is not None else None
-    found, listed = [], 0
+    skip, found, listed = exclude.resolve(), [], 0
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and Path(dirpath, d).resolve() != skip]
         for path in (Path(dirpath, name) for name in filenames if not name.startswith(".")):
@@ -149,7 +143,7 @@ def directory(
     if listed == 0:
         raise LitGPTCharError(
             f"corpus directory {root} has no files (names starting with '.' are skipped); "
-            f"pass --data.path with a text file or a folder of text files"
+            f"pass --data.path a text file or a folder of them"
         )
     if not found:
         raise LitGPTCharError(
@@ -253,9 +247,8 @@ def _scan(corpus: Corpus, bar: tqdm) -> tuple[list[SourceFile], dict]:
     if tokens == 0:
         raise LitGPTCharError(f"corpus {corpus.label} is empty; pass a UTF-8 text file with --data.path")
     vocab = "".join(map(chr, np.flatnonzero(seen).tolist()))
-    meta = dict(fingerprint=corpus.fingerprint, source=str(corpus.root), files=len(texts), skipped=skipped, bytes=size,
-                tokens=tokens, vocab=vocab, sha256=corpus.sha256)  # fmt: skip
-    return texts, meta
+    return texts, dict(fingerprint=corpus.fingerprint, source=str(corpus.root), files=len(texts), skipped=skipped,
+                       bytes=size, tokens=tokens, vocab=vocab, sha256=corpus.sha256)  # fmt: skip
 
 
 def _write(corpus: Corpus, texts: list[SourceFile], meta: dict, entry: Path, bar: tqdm) -> None:
@@ -307,15 +300,14 @@ class TokenStore:
 
 def _read_valid(entry: Path, corpus: Corpus) -> tuple[Optional[dict], Optional[str]]:
     """(metadata, None) for a usable cache; (None, why) otherwise, why None when nothing is damaged."""
-    if not (entry / META).exists():
-        return None, (f"has {IDS} but no {META}" if (entry / IDS).exists() else None)
     try:
         meta = json.loads((entry / META).read_text(encoding="utf-8"))
         if meta["fingerprint"] != corpus.fingerprint:
             return None, None  # the corpus changed (or the cache's format)
         tokens, itemsize, size = int(meta["tokens"]), np.dtype(meta["dtype"]).itemsize, (entry / IDS).stat().st_size
-    except FileNotFoundError:
-        return None, f"has {META} but no {IDS}"
+    except FileNotFoundError as err:  # no metadata (nothing built, or a build died) or no ids: damaged if one is there
+        missing, other = (META, IDS) if err.filename.endswith(META) else (IDS, META)
+        return None, f"has {other} but no {missing}" if (entry / other).exists() else None
     except (ValueError, KeyError, TypeError, OSError):
         return None, f"has unreadable metadata ({META})"
     if size != tokens * itemsize or tokens == 0:
@@ -324,7 +316,7 @@ def _read_valid(entry: Path, corpus: Corpus) -> tuple[Optional[dict], Optional[s
     return meta, None
 
 
-def open_store(corpus: Corpus, cache_dir: Path, say: Say = SAY) -> TokenStore:
+def open_store(corpus: Corpus, cache_dir: Path, say: Callable[[str], None] = SAY) -> TokenStore:
     """The token store of ``corpus`` in ``cache_dir``: reused when its fingerprint matches, else (re)built.
 
     A build reads the corpus once (pass 1, its checks) before anything is written, so an unusable corpus leaves

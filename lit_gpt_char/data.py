@@ -54,11 +54,9 @@ class CharTokenizer:
 
     def encode(self, text: str) -> torch.Tensor:
         """Ids (int64) of ``text``; a character outside the vocabulary is an error naming it."""
-        if missing := list(dict.fromkeys(ch for ch in text if ch not in self.vocab)):
-            shown = ", ".join(map(repr, missing[:20]))
-            raise LitGPTCharError(
-                f"{len(missing)} character(s) not in the model's vocabulary of {self.vocab_size}: {shown}"
-            )
+        if new := list(dict.fromkeys(ch for ch in text if ch not in self.vocab)):
+            show = ", ".join(map(repr, new[:20]))
+            raise LitGPTCharError(f"{len(new)} character(s) not in the model's vocabulary of {self.vocab_size}: {show}")
         return torch.searchsorted(self._points, _codepoints(text)).long()
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
@@ -68,9 +66,8 @@ class CharTokenizer:
 def download(url: str, dest: Path, sha256: Optional[str]) -> None:
     """Fetch ``url`` to ``dest`` (torch.hub streams it to a temporary file beside ``dest`` and renames it into
     place once its sha256 checks out): a failed download leaves nothing behind, nor the folders made for it."""
-    created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]  # removed again if it fails
+    created, timeout = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()], socket.getdefaulttimeout()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(60)  # torch.hub sets none: a stalled server would hang the run
     try:
         torch.hub.download_url_to_file(url, str(dest), hash_prefix=sha256, progress=False)
@@ -86,8 +83,8 @@ def download(url: str, dest: Path, sha256: Optional[str]) -> None:
         ) from None
     finally:
         socket.setdefaulttimeout(timeout)
-        with contextlib.suppress(OSError):
-            for d in created if not dest.exists() else []:
+        with contextlib.suppress(OSError):  # the folders made for it, unless the file is there (not empty)
+            for d in created:
                 d.rmdir()
 
 
@@ -111,8 +108,7 @@ class RandomWindows:
         self.rank, self.accumulate, self.next_batch = rank, accumulate, next_batch
 
     def __len__(self) -> int:
-        windows = max(1, -(-(len(self.ids) // (self.batch_size * self.block_size)) // self.accumulate))
-        return windows * self.accumulate
+        return max(1, -(-(len(self.ids) // (self.batch_size * self.block_size)) // self.accumulate)) * self.accumulate
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``n`` of this rank's stream: x (B, T) and y, x shifted by one (int64)."""
@@ -143,9 +139,8 @@ class FixedWindows:
     of batches ``iter()`` yields, the short last tile's own batch included: Lightning stops after len().
     """
 
-    def __init__(
-        self, ids: torch.Tensor, block_size: int, count: Optional[int], batch_size: int, rank: int, world_size: int
-    ) -> None:
+    def __init__(self, ids: torch.Tensor, block_size: int, count: Optional[int], batch_size: int, rank: int,
+                 world_size: int) -> None:  # fmt: skip
         if count is None:
             starts = torch.arange(0, len(ids) - 1, block_size)
         else:
@@ -266,9 +261,8 @@ class ShakespeareDataModule(LightningDataModule):
 
     @functools.cached_property
     def tokenizer(self) -> CharTokenizer:
-        tokenizer = CharTokenizer(self.store.vocab)
         self._split_ids()  # fail on a too-short split now, before anything is built or written
-        return tokenizer
+        return CharTokenizer(self.store.vocab)
 
     def _load(self) -> tuple[CharTokenizer, torch.Tensor]:
         """The tokenizer and the memory-mapped ids."""
