@@ -6,17 +6,20 @@
       ──rename──▶ <cache_dir>/<name>-<key>/ids.bin + meta.json  (vocabulary, dtype, count, fingerprint)
     a later run: fingerprint unchanged ─▶ memory map of ids.bin: no tokenizing, memory independent of size
 
-The ids are those of ``CharTokenizer.from_text`` on the whole text; a build holds a few chunks in memory.
+The ids are those of ``CharTokenizer.from_text`` on the whole text. An incremental UTF-8 decoder reads the
+chunks (a character a chunk cuts waits for the next); a pure-ASCII chunk's new characters and ids come from
+``bytes.translate``. A build holds a few chunks in memory.
 
 The fingerprint holds each file's path, size, modification time, status change time and inode: a
 same-size copy that keeps the modification time (``cp -p``, ``rsync -t``) still moves the status change
 time, which no one can set back (a ``chmod`` moves it too: one more build).
 
-Concurrency and crashes: a build holds the cache entry's lock (``filelock``: flock, or a lock file where
-the filesystem has no flock); other preparers wait, then find the cache built. It writes temporary files
-and renames them into place, metadata last, so a process killed while tokenizing leaves nothing a later
-run trusts, and the next holder of the lock deletes what it left. A cache whose id file does not have
-the size its metadata records is rebuilt, with a line saying so.
+Concurrency and crashes: pass 1 checks the corpus before anything is written, so an unusable one leaves no
+trace. Pass 2 holds the cache entry's lock (``filelock``: flock, or a lock file where the filesystem has no
+flock); other preparers wait, then find the cache built. It writes temporary files and renames them into
+place, metadata last, so a process killed while tokenizing leaves nothing a later run trusts (the next holder
+of the lock deletes what it left), and a built cache is mapped without the lock. A cache whose id file does
+not have the size its metadata records is rebuilt, with a line saying so.
 """
 
 from __future__ import annotations
@@ -158,7 +161,8 @@ def directory(root: Path, glob: Optional[str], separator: str, strict: bool, exc
 
 
 class _NotText(Exception):
-    """A file that is not UTF-8 text (``offset``: where) or cannot be read (``offset`` -1)."""
+    """A file that is not UTF-8 text (``offset``: where) or cannot be read (``offset`` -1); ``one``: the message for
+    a corpus of one file, ``str()``: for a file of a directory."""
 
     def __init__(self, offset: int, what: str) -> None:
         super().__init__(f"unreadable ({what})" if offset < 0 else f"{what} at byte offset {offset}")

@@ -200,8 +200,7 @@ class ShakespeareDataModule(LightningDataModule):
         val_batch_size: Windows per validation batch (more is faster; memory grows with it).
         seed: Seed of the training-window stream; rank r draws from its own stream (seed, r).
         on_device: Copy the training ids to the accelerator (when they fit in half its free memory; a
-            line says which) and draw windows there. Otherwise windows are gathered on the host and
-            sent through pinned memory.
+            line says which) and draw windows there. Otherwise windows are gathered on the host.
     """
 
     def __init__(self, path: Optional[str] = None, data_dir: str = "data/tinyshakespeare",
