@@ -13,7 +13,8 @@ batch being drawn.
 from __future__ import annotations
 
 import contextlib
-import re
+import functools
+import random
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,28 +24,14 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_only
 
-from lit_gpt_char.corpus import (
-    PACKAGED_TINY_SHAKESPEARE,
-    TINY_SHAKESPEARE_SHA256,
-    Corpus,
-    TokenStore,
-    directory,
-    make_dirs,
-    open_store,
-    packaged_tiny_shakespeare,
-    single_file,
-)
+from lit_gpt_char import corpus
 from lit_gpt_char.errors import LitGPTCharError
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 # windows read from the memory map between releases of its pages: the kernel maps 64-256 KiB around each
 # window read, so at most 16-64 MiB of the map stays resident
 RELEASE_EVERY_WINDOWS = 256
-
-
-@rank_zero_only
-def _say(message: str) -> None:
-    print(message, flush=True)
+_say = rank_zero_only(corpus.SAY)
 
 
 def _codepoints(text: str) -> torch.Tensor:
@@ -56,50 +43,31 @@ class CharTokenizer:
     """Characters ↔ ids, ids ordered by code point (``sorted(set(text))``, as in the lecture)."""
 
     def __init__(self, vocab: str) -> None:
-        if not vocab:
-            raise LitGPTCharError("the vocabulary is empty: the corpus has no characters")
-        if len(set(vocab)) != len(vocab) or list(vocab) != sorted(vocab):
-            raise LitGPTCharError("a vocabulary must list distinct characters in sorted order")
-        self.vocab = vocab
-        self._points = _codepoints(vocab)
+        self.vocab, self.vocab_size, self._points = vocab, len(vocab), _codepoints(vocab)
 
     @classmethod
-    def from_text(cls, text: str) -> tuple["CharTokenizer", torch.Tensor]:
-        """The tokenizer of ``text`` and ``text`` encoded with it, in one pass over the code points."""
+    def from_text(cls, text: str) -> tuple[CharTokenizer, torch.Tensor]:
+        """The tokenizer of ``text`` and ``text`` encoded with it (in the token store's dtype), in one pass."""
         points, ids = torch.unique(_codepoints(text), sorted=True, return_inverse=True)
-        tokenizer = cls("".join(map(chr, points.tolist())))
-        return tokenizer, ids.to(tokenizer.dtype)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The smallest dtype that holds every id (the token store's: uint8, uint16 or int32)."""
-        return torch.uint8 if self.vocab_size <= 256 else torch.uint16 if self.vocab_size <= 65536 else torch.int32
+        dtype = torch.uint8 if len(points) <= 256 else torch.uint16 if len(points) <= 65536 else torch.int32
+        return cls("".join(map(chr, points.tolist()))), ids.to(dtype)
 
     def encode(self, text: str) -> torch.Tensor:
         """Ids (int64) of ``text``; a character outside the vocabulary is an error naming it."""
-        missing = list(dict.fromkeys(ch for ch in text if ch not in self.vocab))
-        if missing:
-            shown = ", ".join(repr(ch) for ch in missing[:20])
-            raise LitGPTCharError(
-                f"{len(missing)} character(s) not in the model's vocabulary of {self.vocab_size}: {shown}"
-            )
+        if new := list(dict.fromkeys(ch for ch in text if ch not in self.vocab)):
+            show = ", ".join(map(repr, new[:20]))
+            raise LitGPTCharError(f"{len(new)} character(s) not in the model's vocabulary of {self.vocab_size}: {show}")
         return torch.searchsorted(self._points, _codepoints(text)).long()
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return "".join(self.vocab[i] for i in ids)
+        return "".join(self.vocab[i] for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids))
 
 
 def download(url: str, dest: Path, sha256: Optional[str]) -> None:
     """Fetch ``url`` to ``dest`` (torch.hub streams it to a temporary file beside ``dest`` and renames it into
     place once its sha256 checks out): a failed download leaves nothing behind, nor the folders made for it."""
-    created = make_dirs(dest.parent)
-    timeout = socket.getdefaulttimeout()
+    created, timeout = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()], socket.getdefaulttimeout()
+    dest.parent.mkdir(parents=True, exist_ok=True)
     socket.setdefaulttimeout(60)  # torch.hub sets none: a stalled server would hang the run
     try:
         torch.hub.download_url_to_file(url, str(dest), hash_prefix=sha256, progress=False)
@@ -109,34 +77,20 @@ def download(url: str, dest: Path, sha256: Optional[str]) -> None:
             f"Check --data.url, or pass --data.sha256 null to skip the check"
         ) from None
     except (OSError, ValueError) as err:  # urllib's URLError is an OSError
-        reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
         raise LitGPTCharError(
-            f"could not download the corpus from {url} ({reason}). Put the file at {dest}, "
-            f"or pass --data.path FILE to train on a local text file, or --data.url URL for another source"
+            f"could not download the corpus from {url} ({getattr(err, 'reason', None) or err}). Put the file at "
+            f"{dest}, or pass --data.path FILE to train on a local text file, or --data.url URL for another source"
         ) from None
     finally:
         socket.setdefaulttimeout(timeout)
-        if not dest.exists():
+        with contextlib.suppress(OSError):  # the folders made for it, unless the file is there (not empty)
             for d in created:
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-
-
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\"}
-
-
-def _unescape(text: str) -> str:
-    r"""``\n``, ``\t``, ``\r``, ``\0`` and ``\\`` typed on a command line, as the characters they name."""
-    return re.sub(r"\\([ntr0\\])", lambda m: _ESCAPES[m.group(1)], text)
+                d.rmdir()
 
 
 def _mix(*values: int) -> int:
-    """A 63-bit seed from several integers (splitmix64 steps), so nearby inputs give unrelated streams."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-    return h >> 1
+    """A 63-bit seed from several integers, so nearby inputs give unrelated streams (a str seed is hashed: sha512)."""
+    return random.Random(repr(values)).getrandbits(63)
 
 
 class RandomWindows:
@@ -148,33 +102,26 @@ class RandomWindows:
     accumulation windows of ``accumulate`` batches (Lightning steps early on an epoch's last batch).
     """
 
-    def __init__(
-        self, ids: torch.Tensor, batch_size: int, block_size: int, seed: int, rank: int, accumulate: int = 1
-    ) -> None:
-        self.ids, self.batch_size, self.block_size = ids, batch_size, block_size
-        self.seed, self.rank, self.accumulate = seed, rank, accumulate
-        self.next_batch = 0
-        self._offsets = torch.arange(block_size + 1, device=ids.device)
-        self._generator = torch.Generator(device=ids.device)
+    def __init__(self, ids: torch.Tensor, batch_size: int, block_size: int, seed: int, rank: int, accumulate: int = 1,
+                 next_batch: int = 0) -> None:  # fmt: skip
+        self.ids, self.batch_size, self.block_size, self.seed = ids, batch_size, block_size, seed
+        self.rank, self.accumulate, self.next_batch = rank, accumulate, next_batch
 
     def __len__(self) -> int:
-        windows = max(1, -(-(len(self.ids) // (self.batch_size * self.block_size)) // self.accumulate))
-        return windows * self.accumulate
+        return max(1, -(-(len(self.ids) // (self.batch_size * self.block_size)) // self.accumulate)) * self.accumulate
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``n`` of this rank's stream: x (B, T) and y, x shifted by one (int64)."""
-        self._generator.manual_seed(_mix(self.seed, self.rank, n))
-        start = torch.randint(
-            len(self.ids) - self.block_size, (self.batch_size,), generator=self._generator, device=self.ids.device
-        )
-        windows = self.ids[start[:, None] + self._offsets].long()  # one gather: (B, T + 1)
+        device = self.ids.device
+        generator = torch.Generator(device).manual_seed(_mix(self.seed, self.rank, n))
+        start = torch.randint(len(self.ids) - self.block_size, (self.batch_size,), generator=generator, device=device)
+        windows = self.ids[start[:, None] + torch.arange(self.block_size + 1, device=device)].long()  # one gather
         return windows[:, :-1], windows[:, 1:]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
-            n = self.next_batch
             self.next_batch += 1
-            yield self.batch(n)
+            yield self.batch(self.next_batch - 1)
 
     def state_dict(self) -> dict[str, int]:
         return {"next_batch": self.next_batch}
@@ -192,14 +139,12 @@ class FixedWindows:
     of batches ``iter()`` yields, the short last tile's own batch included: Lightning stops after len().
     """
 
-    def __init__(
-        self, ids: torch.Tensor, block_size: int, count: Optional[int], batch_size: int, rank: int, world_size: int
-    ) -> None:
+    def __init__(self, ids: torch.Tensor, block_size: int, count: Optional[int], batch_size: int, rank: int,
+                 world_size: int) -> None:  # fmt: skip
         if count is None:
             starts = torch.arange(0, len(ids) - 1, block_size)
         else:
-            generator = torch.Generator().manual_seed(0)
-            starts = torch.randint(len(ids) - block_size, (count,), generator=generator)
+            starts = torch.randint(len(ids) - block_size, (count,), generator=torch.Generator().manual_seed(0))
         if len(starts) < world_size:
             # a rank with nothing to evaluate would leave the others waiting in the val/loss sync
             raise LitGPTCharError(
@@ -208,10 +153,9 @@ class FixedWindows:
             )
         self.ids, self.block_size = ids, block_size
         # the last tile may be short: batches keep one length, so a ragged tail comes as its own batch
-        self._batches: list[torch.Tensor] = []
-        for chunk in starts[rank::world_size].split(batch_size):
-            full = chunk[chunk + block_size < len(ids)]
-            self._batches += [group for group in (full, chunk[len(full) :]) if len(group)]
+        mine = starts[rank::world_size]
+        full = mine[mine + block_size < len(ids)]  # all but a short last tile (the starts ascend)
+        self._batches = [*full.split(batch_size), *([mine[len(full) :]] if len(mine) > len(full) else [])]
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -256,77 +200,46 @@ class ShakespeareDataModule(LightningDataModule):
         val_batch_size: Windows per validation batch (more is faster; memory grows with it).
         seed: Seed of the training-window stream; rank r draws from its own stream (seed, r).
         on_device: Copy the training ids to the accelerator (when they fit in half its free memory; a
-            line says which) and draw windows there. Otherwise windows are gathered on the host and
-            sent through pinned memory.
+            line says which) and draw windows there. Otherwise windows are gathered on the host.
     """
 
-    def __init__(
-        self,
-        path: Optional[str] = None,
-        data_dir: str = "data/tinyshakespeare",
-        url: str = TINY_SHAKESPEARE_URL,
-        sha256: Optional[str] = TINY_SHAKESPEARE_SHA256,
-        glob: Optional[str] = None,
-        separator: str = "\\n",
-        strict: bool = False,
-        cache_dir: str = "data/cache",
-        max_vocab: int = 65536,
-        block_size: int = 32,
-        batch_size: int = 16,
-        train_fraction: float = 0.9,
-        val_windows: Optional[int] = 3200,
-        val_batch_size: int = 200,
-        seed: int = 1337,
-        on_device: bool = False,
-    ) -> None:
+    def __init__(self, path: Optional[str] = None, data_dir: str = "data/tinyshakespeare",
+                 url: str = TINY_SHAKESPEARE_URL, sha256: Optional[str] = corpus.TINY_SHAKESPEARE_SHA256,
+                 glob: Optional[str] = None, separator: str = "\\n", strict: bool = False,
+                 cache_dir: str = "data/cache", max_vocab: int = 65536, block_size: int = 32, batch_size: int = 16,
+                 train_fraction: float = 0.9, val_windows: Optional[int] = 3200, val_batch_size: int = 200,
+                 seed: int = 1337, on_device: bool = False) -> None:  # fmt: skip
         super().__init__()
-        for name in ("block_size", "batch_size", "val_batch_size", "max_vocab"):
-            if (value := locals()[name]) < 1:
+        for name in ("block_size", "batch_size", "val_batch_size", "max_vocab", "val_windows"):
+            if (value := locals()[name]) is not None and value < 1:
                 raise LitGPTCharError(f"--data.{name} must be at least 1, got {value}")
-        if val_windows is not None and val_windows < 1:
-            raise LitGPTCharError(f"--data.val_windows must be >= 1 (or null: the whole split), got {val_windows}")
         if not 0.0 < train_fraction < 1.0:
             raise LitGPTCharError(f"--data.train_fraction must be strictly between 0 and 1, got {train_fraction}")
         self.save_hyperparameters()  # into checkpoints: an evaluation scores the run's own validation windows
-        self.given_path = path
-        self.path = Path(path) if path is not None else Path(data_dir) / "input.txt"  # shown in messages
-        self.data_dir, self.url = Path(data_dir), url
-        self.sha256 = sha256 if path is None else None
-        self.glob, self.separator, self.strict = glob, _unescape(separator), strict
-        self.cache_dir, self.max_vocab, self.on_device = Path(cache_dir), max_vocab, on_device
-        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
-        self.train_fraction, self.val_windows, self.val_batch_size = train_fraction, val_windows, val_batch_size
-        self._store: Optional[TokenStore] = None
-        self._tokenizer: Optional[CharTokenizer] = None
-        self._ids: Optional[torch.Tensor] = None
-        self._train: Optional[RandomWindows] = None
-        self._device_train: Optional[torch.Tensor] = None
-        self._windows_read = 0
+        vars(self).update(self.hparams)  # every argument an attribute; those below in the form used
+        self.given_path, self.data_dir, self.cache_dir = path, Path(data_dir), Path(cache_dir)
+        self.path = Path(path) if path is not None else self.data_dir / "input.txt"  # shown in messages
+        self.sha256 = sha256 if path is None else None  # a file given with path is the user's own: not checked
+        self.separator = separator.encode("latin-1", "backslashreplace").decode("unicode_escape")  # \\n → newline
+        self._train, self._device_train, self._windows_read = None, None, 0  # the stream, the ids on the device
 
     def __getstate__(self) -> dict:
         # spawned processes (ddp_spawn) map the cache themselves instead of receiving a copy of the corpus
-        state = {**self.__dict__, "_store": None, "_tokenizer": None, "_ids": None, "_device_train": None}
-        if self._train is not None:
-            state.update(_train=None, _resume_next_batch=self._train.next_batch)
-        return state
+        state = {k: v for k, v in vars(self).items() if k not in ("store", "tokenizer")}
+        return {**state, "_train": None, "_device_train": None}
 
-    def _corpus(self) -> Corpus:
+    def _corpus(self) -> corpus.Corpus:
         """What to tokenize: the user's file or directory, the default file, the packaged or a downloaded corpus."""
-        if self.given_path is not None:
-            path = Path(self.given_path)
-            if path.is_dir():
-                return directory(path, self.glob, self.separator, self.strict, exclude=self.cache_dir)
-            if self.glob is not None:
-                raise LitGPTCharError(f"--data.glob selects files in a directory, but --data.path {path} is a file")
-            return single_file(path)
-        default = self.path = self.data_dir / "input.txt"
-        if not default.exists():
+        if self.given_path is not None and self.path.is_dir():
+            return corpus.directory(self.path, self.glob, self.separator, self.strict, exclude=self.cache_dir)
+        if self.given_path is not None and self.glob is not None:
+            raise LitGPTCharError(f"--data.glob selects files in a directory, but --data.path {self.path} is a file")
+        if self.given_path is None and not (self.data_dir / "input.txt").exists():
             if self.url == TINY_SHAKESPEARE_URL:
-                corpus = packaged_tiny_shakespeare()
-                self.path = corpus.root
-                return corpus
-            download(self.url, default, self.sha256)
-        return single_file(default, self.sha256)
+                self.path = corpus.PACKAGED_TINY_SHAKESPEARE
+                return corpus.single_file(self.path, corpus.TINY_SHAKESPEARE_SHA256, kind="package")
+            download(self.url, self.path, self.sha256)
+        return corpus.single_file(self.path, self.sha256)
 
     def prepare_data(self) -> None:
         """Tokenize the corpus into the cache unless an up-to-date one is there, and check the splits (Lightning
@@ -334,31 +247,25 @@ class ShakespeareDataModule(LightningDataModule):
         vocabulary). Mapping the cache costs nothing: this process maps it too."""
         self._load()
 
-    @property
-    def store(self) -> TokenStore:
+    @functools.cached_property
+    def store(self) -> corpus.TokenStore:
         """The corpus's token store (its cache entry and memory map), built first if needed."""
-        if self._store is None:
-            store = open_store(self._corpus(), self.cache_dir)
-            if len(store.vocab) > self.max_vocab:
-                raise LitGPTCharError(
-                    f"corpus {self.path} has {len(store.vocab):,} distinct characters, more than --data.max_vocab "
-                    f"{self.max_vocab:,} (the model embeds each one); check that the corpus is the text you mean, "
-                    f"or raise --data.max_vocab"
-                )
-            self._store = store
-        return self._store
+        store = corpus.open_store(self._corpus(), self.cache_dir)
+        if len(store.vocab) > self.max_vocab:
+            raise LitGPTCharError(
+                f"corpus {self.path} has {len(store.vocab):,} distinct characters, more than --data.max_vocab "
+                f"{self.max_vocab:,} (the model embeds each one): is it the text you mean? Or raise --data.max_vocab"
+            )
+        return store
+
+    @functools.cached_property
+    def tokenizer(self) -> CharTokenizer:
+        self._split_ids()  # fail on a too-short split now, before anything is built or written
+        return CharTokenizer(self.store.vocab)
 
     def _load(self) -> tuple[CharTokenizer, torch.Tensor]:
-        """The tokenizer and the memory-mapped ids, once."""
-        if self._tokenizer is None:
-            self._tokenizer, self._ids = CharTokenizer(self.store.vocab), self.store.ids
-            self._split_ids()  # fail on a too-short split now, before anything is built or written
-        assert self._ids is not None
-        return self._tokenizer, self._ids
-
-    @property
-    def tokenizer(self) -> CharTokenizer:
-        return self._load()[0]
+        """The tokenizer and the memory-mapped ids."""
+        return self.tokenizer, self.store.ids
 
     @property
     def vocab(self) -> str:
@@ -370,90 +277,63 @@ class ShakespeareDataModule(LightningDataModule):
         return self.tokenizer.vocab_size
 
     def _split_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self._load()[1]
-        n = int(self.train_fraction * len(ids))
-        train, val = ids[:n], ids[n:]
+        train, val = self.store.ids.tensor_split([int(self.train_fraction * len(self.store.ids))])
         for name, split in (("training", train), ("validation", val)):
             if len(split) < self.block_size + 1:
                 raise LitGPTCharError(
                     f"the {name} split of {self.path} has {len(split)} characters, fewer than block_size + 1 = "
-                    f"{self.block_size + 1}; use a longer corpus, a smaller --data.block_size or another "
-                    f"--data.train_fraction"
+                    f"{self.block_size + 1}; use a longer corpus, a smaller --data.block_size or --data.train_fraction"
                 )
         return train, val
 
     def scored(self) -> str:
         """What an evaluation scores, in words."""
         _, val = self._split_ids()
-        corpus = "the packaged Tiny Shakespeare" if self.path == PACKAGED_TINY_SHAKESPEARE else self.path
+        source = "the packaged Tiny Shakespeare" if self.path == corpus.PACKAGED_TINY_SHAKESPEARE else self.path
         if self.val_windows is None:
             n = -(-(len(val) - 1) // self.block_size)
-            return f"the whole validation split of {corpus} ({n:,} windows of {self.block_size} characters)"
-        return f"{self.val_windows:,} fixed windows of {self.block_size} characters of the validation split of {corpus}"
+            return f"the whole validation split of {source} ({n:,} windows of {self.block_size} characters)"
+        return f"{self.val_windows:,} fixed windows of {self.block_size} characters of the validation split of {source}"
 
     def setup(self, stage: str) -> None:
         self._load()  # maps the cache on every rank
         self.val_dataloader()  # too few validation windows for the world size: the error comes now, not mid-run
 
-    def _rank(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def _on(self, train: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """``train`` on ``device`` if it fits there, copied in slices (host memory stays small); else ``train``."""
-        if device.type == "cpu":
-            return train  # the memory map already is in host memory
-        if self._device_train is not None and self._device_train.device == device:
-            return self._device_train
-        size = train.numel() * train.element_size()
-        if device.type == "cuda" and size > (free := torch.cuda.mem_get_info(device)[0]) // 2:
-            _say(
-                f"data: the training ids ({size / 1e9:.2f} GB) do not fit in half of {device}'s free memory "
-                f"({free / 1e9:.2f} GB): windows are gathered on the host and sent through pinned memory"
-            )
-            return train
-        on_device = torch.empty(train.shape, dtype=train.dtype, device=device)
-        step = 64 << 20
-        for i in range(0, train.numel(), step):
-            on_device[i : i + step].copy_(train[i : i + step])
-            if self._store is not None:
-                self._store.release()  # what the copy read of the map does not stay resident
-        _say(f"data: the training ids ({size / 1e6:,.1f} MB) are on {device}; windows are drawn there")
-        self._device_train = on_device
-        return on_device
+        """``train`` on ``device`` if it fits there (copied once, the map's pages let go after), else ``train``."""
+        if self._device_train is None or self._device_train.device != device:
+            size = train.numel() * train.element_size()
+            if device.type == "cuda" and size > (free := torch.cuda.mem_get_info(device)[0]) // 2:
+                _say(
+                    f"data: the training ids ({size / 1e9:.2f} GB) do not fit in half of {device}'s free memory "
+                    f"({free / 1e9:.2f} GB): windows are gathered on the host"
+                )
+                return train
+            self._device_train = train.to(device)  # the map's pages it read are let go with the next release
+            _say(f"data: the training ids ({size / 1e6:,.1f} MB) are on {device}; windows are drawn there")
+        return self._device_train
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Every RELEASE_EVERY_WINDOWS windows drawn from the memory map, let its pages go: the map's resident
         part stays small however large the corpus and however long the run."""
-        if self._store is not None:
-            self._windows_read += len(batch[0])
-            if self._windows_read >= RELEASE_EVERY_WINDOWS:
-                self._store.release()
-                self._windows_read = 0
+        self._windows_read += len(batch[0])
+        if self._windows_read >= RELEASE_EVERY_WINDOWS:
+            self.store.release()
+            self._windows_read = 0
         return batch
-
-    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        """Windows gathered on the host reach a GPU through pinned memory, without blocking the host."""
-        if device.type == "cuda" and all(t.device.type == "cpu" for t in batch):  # (x, y), from our loaders
-            return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> RandomWindows:
         train, _ = self._split_ids()
         if self.on_device and self.trainer is not None:
             train = self._on(train, self.trainer.strategy.root_device)
-        rank, _ = self._rank()
-        next_batch = self._train.next_batch if self._train is not None else self.__dict__.pop("_resume_next_batch", 0)
-        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
-        self._train = RandomWindows(train, self.batch_size, self.block_size, self.seed, rank, accumulate)
-        self._train.next_batch = next_batch  # a new loader (another epoch, a resumed run) goes on where it was
+        rank, accumulate = (self.trainer.global_rank, self.trainer.accumulate_grad_batches) if self.trainer else (0, 1)
+        next_batch = self._train.next_batch if self._train is not None else 0  # a new epoch goes on
+        self._train = RandomWindows(train, self.batch_size, self.block_size, self.seed, rank, accumulate, next_batch)
         return self._train
 
     def val_dataloader(self) -> FixedWindows:
         _, val = self._split_ids()
-        rank, world_size = self._rank()
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return FixedWindows(val, self.block_size, self.val_windows, self.val_batch_size, rank, world_size)
 
-    def test_dataloader(self) -> FixedWindows:
-        # the lecture has no test split: `test` evaluates the validation windows
-        return self.val_dataloader()
+    test_dataloader = val_dataloader  # the lecture has no test split: `test` evaluates the validation windows

@@ -13,13 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_gpt_char.data import (
-    TINY_SHAKESPEARE_SHA256,
-    CharTokenizer,
-    FixedWindows,
-    RandomWindows,
-    ShakespeareDataModule,
-)
+from lit_gpt_char.corpus import TINY_SHAKESPEARE_SHA256
+from lit_gpt_char.data import CharTokenizer, FixedWindows, RandomWindows, ShakespeareDataModule
 from lit_gpt_char.errors import LitGPTCharError
 
 from .conftest import TINY, files_under, make_text, run_subprocess
