@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import random
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,8 +88,12 @@ def download(url: str, dest: Path, sha256: Optional[str]) -> None:
 
 
 def _mix(*values: int) -> int:
-    """A 63-bit seed from several integers, so nearby inputs give unrelated streams (a str seed is hashed: sha512)."""
-    return random.Random(repr(values)).getrandbits(63)
+    """A 63-bit seed from several integers (splitmix64 steps), so nearby inputs give unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
 
 
 class RandomWindows:
