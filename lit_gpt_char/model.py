@@ -244,27 +244,21 @@ class GPT(nn.Module):
 
         With a ``cache``, ``idx`` holds the tokens at positions ``cache.pos ..`` and the cache advances.
         """
-        B, T = idx.shape
+        T = idx.size(1)
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
-            raise LitGPTCharError(
-                f"cannot run {start + T} positions: this model's block_size is {self.config.block_size}"
-            )
+            raise LitGPTCharError(f"cannot run {start + T} positions: block_size is {self.config.block_size}")
         x = self.wte(idx)
-        rotary = None
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        else:
-            rotary = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        rotary = None if self.wpe is not None else (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
         x = self.drop(x)
         for block in self.h:
             x = block(x, rotary, cache)
         if cache is not None:
             cache.pos += T
         logits = self.lm_head(self.ln_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     @torch.inference_mode()

@@ -99,23 +99,22 @@ class LitGPT(LightningModule):
     ) -> None:
         super().__init__()
         shape = GPTConfig(**config) if isinstance(config, dict) else config  # a dict: as stored in a checkpoint
-        if shape.vocab_size != len(vocab):
-            raise LitGPTCharError(f"config.vocab_size is {shape.vocab_size} but the vocabulary has {len(vocab)} chars")
-        if learning_rate <= 0 or min_lr < 0:
-            raise LitGPTCharError(f"learning_rate must be > 0 and min_lr >= 0, got {learning_rate} and {min_lr}")
-        if muon_lr <= 0 or not 0 <= muon_momentum < 1:
-            raise LitGPTCharError(f"muon_lr must be > 0 and muon_momentum in [0, 1), got {muon_lr} and {muon_momentum}")
-        if warmup_steps < 0:
-            raise LitGPTCharError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if lr_schedule != "constant" and decay_steps is not None and decay_steps <= warmup_steps:
-            raise LitGPTCharError(
-                f"decay_steps ({decay_steps}) must be greater than warmup_steps ({warmup_steps}): the decay follows "
-                f"the warmup"
-            )
-        if min_lr > learning_rate:
-            raise LitGPTCharError(f"min_lr ({min_lr}) must be at most learning_rate ({learning_rate})")
-        if not 0 <= cooldown_fraction <= 1:
-            raise LitGPTCharError(f"cooldown_fraction must be in [0, 1], got {cooldown_fraction}")
+        for ok, message in (  # each message begins with the option's name: the CLI writes it as --model.NAME
+            (shape.vocab_size == len(vocab), f"config.vocab_size ({shape.vocab_size}) != len(vocab) ({len(vocab)})"),
+            (learning_rate > 0, f"learning_rate must be > 0, got {learning_rate}"),
+            (min_lr >= 0, f"min_lr must be >= 0, got {min_lr}"),
+            (muon_lr > 0, f"muon_lr must be > 0, got {muon_lr}"),
+            (0 <= muon_momentum < 1, f"muon_momentum must be in [0, 1), got {muon_momentum}"),
+            (warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}"),
+            (
+                lr_schedule == "constant" or decay_steps is None or decay_steps > warmup_steps,
+                f"decay_steps ({decay_steps}) must be greater than warmup_steps ({warmup_steps})",
+            ),
+            (min_lr <= learning_rate, f"min_lr ({min_lr}) must be at most learning_rate ({learning_rate})"),
+            (0 <= cooldown_fraction <= 1, f"cooldown_fraction must be in [0, 1], got {cooldown_fraction}"),
+        ):
+            if not ok:
+                raise LitGPTCharError(message)
         config = asdict(shape)  # save_hyperparameters reads this local: plain values load with weights_only=True
         self.save_hyperparameters()
         self.tokenizer = CharTokenizer(vocab)
@@ -128,14 +127,6 @@ class LitGPT(LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets _current_fx_name around each of its ~40 hook calls a step; nn.Module.__setattr__'s
-        # bookkeeping adds up there. A plain string needs none of it
-        if name == "_current_fx_name":
-            self.__dict__[name] = value
-        else:
-            super().__setattr__(name, value)
-
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)[0]
 
@@ -147,10 +138,9 @@ class LitGPT(LightningModule):
         # loss's device needs no sync
         self._train_loss_sum = loss.detach() + (self._train_loss_sum if self._train_loss_count else 0.0)
         self._train_loss_count += 1
-        trainer = self.trainer
-        if trainer.accumulate_grad_batches > 1 and accumulating(trainer):
+        if self.trainer.accumulate_grad_batches > 1 and accumulating(self.trainer):
             return loss  # not the window's last micro-batch: the optimizer steps (and the mean is logged) with that one
-        every = trainer.log_every_n_steps
+        every = self.trainer.log_every_n_steps
         if every and (self.global_step + 1) % every == 0:
             # mean over the micro-batches since the last log, on this rank
             self.log("train/loss", self._train_loss_sum / self._train_loss_count, prog_bar=True)
@@ -198,9 +188,7 @@ class LitGPT(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # checkpoints written before the weights were stored once also hold a copy of each under _forward.*
-        state = checkpoint["state_dict"]
-        for key in [key for key in state if key.startswith("_forward.")]:
-            del state[key]
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("_forward.")}
         window = checkpoint.get("train_loss_window", {"sum": 0.0, "count": 0})
         self._train_loss_sum, self._train_loss_count = window["sum"], window["count"]
 
@@ -211,34 +199,32 @@ class LitGPT(LightningModule):
     def configure_optimizers(self) -> Union[torch.optim.Optimizer, dict[str, Any]]:
         hp = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
-        muon = hp.optimizer == "muon"
         # Muon takes the blocks' weight matrices; the embedding tables and the head stay on AdamW
-        matrices = {p for block in self.model.h for p in block.parameters() if p.dim() == 2} if muon else set()
+        blocks = self.model.h if hp.optimizer == "muon" else []
+        muon = {p for block in blocks for p in block.parameters() if p.dim() == 2}
         groups = [
-            {"params": [p for p in params if p.dim() >= 2 and p not in matrices], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.dim() >= 2 and p not in muon], "weight_decay": hp.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # the fused kernel (CUDA and CPU) is faster than the per-tensor loop (benchmarks/RESULTS.md); under fp16's
-        # loss scaling Lightning cannot clip the gradients before it (they are unscaled inside the fused step)
+        # the fused kernel (CUDA and CPU) is faster than the per-tensor loop; under fp16's loss scaling Lightning
+        # cannot clip the gradients before it (they are unscaled inside the fused step)
         fused = hp.fused_adamw
         if fused is None:
             fused = self.device.type in ("cuda", "cpu") and not scaled_and_clipped(self.trainer)
         adamw = {"lr": hp.learning_rate, "betas": tuple(hp.betas), "fused": fused}
-        if muon:
-            muon_params = [p for p in params if p in matrices]
-            optimizer = MuonAdamW(muon_params, groups, hp.muon_lr, hp.muon_momentum, **adamw)
+        if hp.optimizer == "muon":
+            optimizer = MuonAdamW([p for p in params if p in muon], groups, hp.muon_lr, hp.muon_momentum, **adamw)
         else:
             optimizer = torch.optim.AdamW(groups, **adamw)
         if hp.lr_schedule == "constant" and hp.warmup_steps == 0:
             return optimizer
-        decay_steps = hp.decay_steps or self.trainer.max_steps
-        if decay_steps is None or decay_steps < 1:
+        end = hp.decay_steps or self.trainer.max_steps
+        if end < 1:
             raise LitGPTCharError(
-                f"lr_schedule {hp.lr_schedule!r} needs --model.decay_steps or --trainer.max_steps to know when to end"
+                f"lr_schedule {hp.lr_schedule} needs decay_steps or --trainer.max_steps to know when to end"
             )
-        min_ratio = hp.min_lr / hp.learning_rate
+        ratio = hp.min_lr / hp.learning_rate
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_factor(step, hp.warmup_steps, decay_steps, hp.lr_schedule, min_ratio, hp.cooldown_fraction),
+            optimizer, lambda step: lr_factor(step, hp.warmup_steps, end, hp.lr_schedule, ratio, hp.cooldown_fraction)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
