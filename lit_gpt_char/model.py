@@ -84,10 +84,7 @@ class GPTConfig:
             if getattr(self, name) < 1:
                 raise LitGPTCharError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
-            raise LitGPTCharError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): each head gets n_embd // n_head "
-                f"channels"
-            )
+            raise LitGPTCharError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): equal heads")
         if self.positions == "rotary" and self.head_size % 2:
             raise LitGPTCharError(f"rotary positions need an even head size, got n_embd // n_head = {self.head_size}")
         if not 0.0 <= self.dropout < 1.0:
@@ -115,6 +112,9 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+Rotary = Optional[tuple[torch.Tensor, torch.Tensor]]  # cos and sin of RoPE's angles at the positions run, or None
+
+
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # rotate each (first half, second half) channel pair by its position's angle, in float32 for bf16 runs
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -131,9 +131,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(
-        self, x: torch.Tensor, rotary: Optional[tuple[torch.Tensor, torch.Tensor]], cache: Optional[KVCache]
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Rotary, cache: Optional[KVCache]) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.config.n_head, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -177,9 +175,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(
-        self, x: torch.Tensor, rotary: Optional[tuple[torch.Tensor, torch.Tensor]], cache: Optional[KVCache]
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Rotary, cache: Optional[KVCache]) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rotary, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -230,12 +226,9 @@ class GPT(nn.Module):
         per layer and token forward, times 3 with the backward, over the full context as PaLM's
         appendix B counts it (no discount for the causal mask), so MFU compares with nanoGPT's and PaLM's.
         """
-        c = self.config
-        tables = [self.wpe] if self.wpe is not None else []
-        if not c.tie_weights:
-            tables.append(self.wte)
-        n = self.num_params() - sum(t.weight.numel() for t in tables)
-        return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+        weights = self.named_parameters(remove_duplicate=False)  # a tied table under both names: counted as lm_head
+        n = sum(p.numel() for name, p in weights if not name.startswith(("wte.", "wpe.")))
+        return 6 * n + 12 * self.config.n_layer * self.config.n_embd * self.config.block_size
 
     def forward(
         self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None

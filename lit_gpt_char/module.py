@@ -25,26 +25,24 @@ from lit_gpt_char.model import GPT, GPTConfig
 from lit_gpt_char.optim import MuonAdamW
 
 
-def lr_factor(
-    step: int, warmup_steps: int, decay_steps: int, schedule: str, min_lr_ratio: float, cooldown_fraction: float
-) -> float:
+def lr_factor(step: int, warmup: int, end: int, schedule: str, floor: float, cooldown: float) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step``.
 
-    Linear warmup over ``warmup_steps``, then: "constant" stays at 1; "cosine" follows
-    min + (1 - min)·(1 + cos(π·t))/2 with t going 0 → 1 from the end of warmup to ``decay_steps``;
-    "wsd" (warmup-stable-decay) stays at 1 and decays linearly to min over the last
-    ``cooldown_fraction`` of ``decay_steps``. After ``decay_steps`` it holds at min.
+    Linear warmup over ``warmup`` steps, then: "constant" stays at 1; "cosine" follows
+    floor + (1 - floor)·(1 + cos(π·t))/2 with t going 0 → 1 from the end of warmup to step ``end``;
+    "wsd" (warmup-stable-decay) stays at 1 and decays linearly to ``floor`` over the last
+    ``cooldown`` fraction of ``end`` steps. After ``end`` it holds at ``floor`` (min_lr / learning_rate).
     """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
     if schedule == "cosine":
-        t = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
-    cooldown_start = decay_steps * (1.0 - cooldown_fraction)
-    t = min(1.0, max(0.0, (step - cooldown_start) / max(1.0, decay_steps - cooldown_start)))
-    return 1.0 - (1.0 - min_lr_ratio) * t
+        t = min(1.0, (step - warmup) / max(1, end - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    cooldown_start = end * (1.0 - cooldown)
+    t = min(1.0, max(0.0, (step - cooldown_start) / max(1.0, end - cooldown_start)))
+    return 1.0 - (1.0 - floor) * t
 
 
 def scaled_and_clipped(trainer: Trainer) -> bool:
@@ -102,7 +100,6 @@ class LitGPT(LightningModule):
         for ok, message in (  # each message begins with the option's name: the CLI writes it as --model.NAME
             (shape.vocab_size == len(vocab), f"config.vocab_size ({shape.vocab_size}) != len(vocab) ({len(vocab)})"),
             (learning_rate > 0, f"learning_rate must be > 0, got {learning_rate}"),
-            (min_lr >= 0, f"min_lr must be >= 0, got {min_lr}"),
             (muon_lr > 0, f"muon_lr must be > 0, got {muon_lr}"),
             (0 <= muon_momentum < 1, f"muon_momentum must be in [0, 1), got {muon_momentum}"),
             (warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}"),
@@ -110,7 +107,7 @@ class LitGPT(LightningModule):
                 lr_schedule == "constant" or decay_steps is None or decay_steps > warmup_steps,
                 f"decay_steps ({decay_steps}) must be greater than warmup_steps ({warmup_steps})",
             ),
-            (min_lr <= learning_rate, f"min_lr ({min_lr}) must be at most learning_rate ({learning_rate})"),
+            (0 <= min_lr <= learning_rate, f"min_lr ({min_lr}) must be at most learning_rate ({learning_rate}), >= 0"),
             (0 <= cooldown_fraction <= 1, f"cooldown_fraction must be in [0, 1], got {cooldown_fraction}"),
         ):
             if not ok:
@@ -122,17 +119,14 @@ class LitGPT(LightningModule):
         # a function, not a second module attribute: the weights are stored once, named model.*, whether
         # compiled or not (a checkpoint then resumes with compile switched either way)
         self._forward = torch.compile(self.model.forward) if compile else self.model.forward
-        self._train_loss_sum: torch.Tensor | float = 0.0
-        self._train_loss_count = 0
-        self.val_loss = MeanMetric()
-        self.test_loss = MeanMetric()
+        self._train_loss_sum, self._train_loss_count = 0.0, 0  # train/loss of the log window under way
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)[0]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        _, loss = self._forward(x, y)
+        _, loss = self._forward(*batch)
         # aggregate every micro-batch, log every log_every_n_steps optimizer steps: a self.log call costs a
         # noticeable part of a small CPU step in Lightning 2.6 (benchmarks/trainer_overhead.py); a running sum on the
         # loss's device needs no sync

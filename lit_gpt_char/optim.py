@@ -17,16 +17,13 @@ import torch
 
 from lit_gpt_char.precision import native_bf16
 
-_NS = (3.4445, -4.775, 2.0315)  # quintic Newton-Schulz coefficients (Muon's)
-
 
 def orthogonalize(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximately U·Vᵀ of ``update`` = U·S·Vᵀ (singular values pushed to ~[0.5, 1.5]), as Muon computes it."""
-    a, b, c = _NS
+    a, b, c = 3.4445, -4.775, 2.0315  # Muon's quintic Newton-Schulz coefficients
     x = update.bfloat16() if native_bf16(update.device) else update.float()  # CPUs, Apple MPS, older GPUs: float32
     tall = x.size(0) > x.size(1)
-    if tall:
-        x = x.T
+    x = x.T if tall else x
     x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
     for _ in range(steps):
         gram = x @ x.T

@@ -10,8 +10,6 @@ needs exactly that.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
@@ -24,9 +22,8 @@ class BF16MixedPrecision(MixedPrecision):
 
 def allow_clipping_with_fused_optimizers(plugin: Precision) -> Precision:
     """``plugin``, or for Lightning's bf16-mixed the same with clipping allowed before a fused optimizer step."""
-    if type(plugin) is MixedPrecision and plugin.precision == "bf16-mixed":
-        return BF16MixedPrecision("bf16-mixed", plugin.device)
-    return plugin
+    bf16 = type(plugin) is MixedPrecision and plugin.precision == "bf16-mixed"
+    return BF16MixedPrecision("bf16-mixed", plugin.device) if bf16 else plugin
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -34,7 +31,7 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def auto_precision(device: str, bf16_native: bool, capability: Optional[tuple[int, int]] = None) -> tuple[str, str]:
+def auto_precision(device: str, bf16_native: bool, capability: tuple[int, int] | None = None) -> tuple[str, str]:
     """``--trainer.precision auto``: the precision ``device`` ("cuda", "mps", "cpu") runs natively, and why.
 
     bf16 autocast where the GPU computes bf16 natively (compute capability 8.0 and up: A100, H100, RTX 30xx);
