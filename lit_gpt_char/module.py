@@ -107,7 +107,8 @@ class LitGPT(LightningModule):
                 lr_schedule == "constant" or decay_steps is None or decay_steps > warmup_steps,
                 f"decay_steps ({decay_steps}) must be greater than warmup_steps ({warmup_steps})",
             ),
-            (0 <= min_lr <= learning_rate, f"min_lr ({min_lr}) must be at most learning_rate ({learning_rate}), >= 0"),
+            (min_lr >= 0, f"min_lr must be >= 0, got {min_lr}"),
+            (min_lr <= learning_rate, f"min_lr ({min_lr}) must be at most learning_rate ({learning_rate})"),
             (0 <= cooldown_fraction <= 1, f"cooldown_fraction must be in [0, 1], got {cooldown_fraction}"),
         ):
             if not ok:
@@ -214,9 +215,7 @@ class LitGPT(LightningModule):
             return optimizer
         end = hp.decay_steps or self.trainer.max_steps
         if end < 1:
-            raise LitGPTCharError(
-                f"lr_schedule {hp.lr_schedule} needs decay_steps or --trainer.max_steps to know when to end"
-            )
+            raise LitGPTCharError(f"lr_schedule {hp.lr_schedule} has no end: set decay_steps or --trainer.max_steps")
         ratio = hp.min_lr / hp.learning_rate
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, hp.warmup_steps, end, hp.lr_schedule, ratio, hp.cooldown_fraction)
