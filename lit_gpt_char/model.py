@@ -84,14 +84,9 @@ class GPTConfig:
             if getattr(self, name) < 1:
                 raise LitGPTCharError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
-            raise LitGPTCharError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
-                f"each head gets n_embd // n_head channels"
-            )
-        if self.positions == "rotary" and (self.n_embd // self.n_head) % 2:
-            raise LitGPTCharError(
-                f"rotary positions need an even head size, got n_embd // n_head = {self.n_embd // self.n_head}"
-            )
+            raise LitGPTCharError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): equal heads")
+        if self.positions == "rotary" and self.head_size % 2:
+            raise LitGPTCharError(f"rotary positions need an even head size, got n_embd // n_head = {self.head_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise LitGPTCharError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -117,15 +112,11 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def _rotary_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of RoPE's angles, (block_size, head_size/2); base 10000 as in the RoFormer paper."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, config.head_size, 2, dtype=torch.float32) / config.head_size))
-    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+Rotary = Optional[tuple[torch.Tensor, torch.Tensor]]  # cos and sin of RoPE's angles at the positions run, or None
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # rotate each (first half, second half) channel pair by its position's angle
+    # rotate each (first half, second half) channel pair by its position's angle, in float32 for bf16 runs
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
@@ -135,36 +126,31 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
-        self.layer = layer
-        self.n_head = config.n_head
-        self.dropout = config.dropout
-        self.qk_norm = config.qk_norm
+        self.config, self.layer = config, layer
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(
-        self, x: torch.Tensor, rotary: Optional[tuple[torch.Tensor, torch.Tensor]], cache: Optional[KVCache]
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Rotary, cache: Optional[KVCache]) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if self.qk_norm:
+        q, k, v = (t.view(B, T, self.config.n_head, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if self.config.qk_norm:
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if rotary is not None:
             q, k = _apply_rotary(q, *rotary), _apply_rotary(k, *rotary)
-        # the new tokens attend causally among themselves; with a cache, also to every earlier position
-        causal = cache is None or cache.pos == 0
+        start = 0 if cache is None else cache.pos
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        mask = None
-        if not causal and T > 1:  # a chunk appended after cached positions: offset causal mask
-            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal and T > 1
-        )
+        # the new tokens attend causally among themselves and to every cached position before them
+        mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(start) if start and T > 1 else None
+        dropout = self.config.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=not start and T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
+
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "relu2": lambda x: F.relu(x).square()}
 
 
 class MLP(nn.Module):
@@ -173,17 +159,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.activation = config.activation
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.c_fc(x)
-        if self.activation == "relu":
-            x = F.relu(x)
-        elif self.activation == "gelu":
-            x = F.gelu(x)
-        else:
-            x = F.relu(x).square()
-        return self.dropout(self.c_proj(x))
+        return self.dropout(self.c_proj(ACTIVATIONS[self.activation](self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -196,9 +175,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(
-        self, x: torch.Tensor, rotary: Optional[tuple[torch.Tensor, torch.Tensor]], cache: Optional[KVCache]
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Rotary, cache: Optional[KVCache]) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rotary, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -211,37 +188,30 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
-        self.drop = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight
-        if config.positions == "rotary":
-            cos, sin = _rotary_tables(config)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        config = self.config
+        if config.positions == "rotary":  # RoPE's angles (block_size, head_size/2), base 10000 as in RoFormer
+            channels = torch.arange(0, config.head_size, 2, dtype=torch.float32) / config.head_size
+            angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), 1.0 / (10000**channels))
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
         if config.init == "gpt2":
             for module in self.modules():
                 if isinstance(module, (nn.Linear, nn.Embedding)):
                     nn.init.normal_(module.weight, mean=0.0, std=0.02)
                 if isinstance(module, nn.Linear) and module.bias is not None:
                     nn.init.zeros_(module.bias)
-            # each block adds two residual branches: scale their projections so the stream's
-            # variance does not grow with depth (GPT-2 paper, section 2.3)
-            for block in self.h:
-                for proj in (block.attn.c_proj, block.mlp.c_proj):
-                    nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if config.zero_init_proj:
-            for block in self.h:
-                for proj in (block.attn.c_proj, block.mlp.c_proj):
-                    nn.init.zeros_(proj.weight)
-                    if proj.bias is not None:
-                        nn.init.zeros_(proj.bias)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight") and config.init == "gpt2":
+                # each block adds two residual branches: scale their projections so the stream's
+                # variance does not grow with depth (GPT-2 paper, section 2.3)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            if ".c_proj." in name and config.zero_init_proj:  # every block starts as the identity
+                nn.init.zeros_(p)
 
     def num_params(self) -> int:
         """Trainable parameters, the tied head counted once."""
@@ -256,12 +226,9 @@ class GPT(nn.Module):
         per layer and token forward, times 3 with the backward, over the full context as PaLM's
         appendix B counts it (no discount for the causal mask), so MFU compares with nanoGPT's and PaLM's.
         """
-        c = self.config
-        tables = [self.wpe] if self.wpe is not None else []
-        if not c.tie_weights:
-            tables.append(self.wte)
-        n = self.num_params() - sum(t.weight.numel() for t in tables)
-        return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+        weights = self.named_parameters(remove_duplicate=False)  # a tied table under both names: counted as lm_head
+        n = sum(p.numel() for name, p in weights if not name.startswith(("wte.", "wpe.")))
+        return 6 * n + 12 * self.config.n_layer * self.config.n_embd * self.config.block_size
 
     def forward(
         self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None
@@ -270,27 +237,21 @@ class GPT(nn.Module):
 
         With a ``cache``, ``idx`` holds the tokens at positions ``cache.pos ..`` and the cache advances.
         """
-        B, T = idx.shape
+        T = idx.size(1)
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
-            raise LitGPTCharError(
-                f"cannot run {start + T} positions: this model's block_size is {self.config.block_size}"
-            )
+            raise LitGPTCharError(f"cannot run {start + T} positions: block_size is {self.config.block_size}")
         x = self.wte(idx)
-        rotary = None
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        else:
-            rotary = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        rotary = None if self.wpe is not None else (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
         x = self.drop(x)
         for block in self.h:
             x = block(x, rotary, cache)
         if cache is not None:
             cache.pos += T
         logits = self.lm_head(self.ln_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     @torch.inference_mode()
@@ -312,46 +273,34 @@ class GPT(nn.Module):
         ``refill`` (default block_size // 2, at least 1; 1..block_size): how many of the latest tokens are
         re-encoded when the cache is full; see the module docstring.
         """
-        if max_new_tokens < 0:
-            raise LitGPTCharError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise LitGPTCharError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise LitGPTCharError(f"top_k must be >= 1 (or unset for no cut), got {top_k}")
-        if idx.size(1) < 1:
-            raise LitGPTCharError("generation needs a context of at least one token")
         block_size = self.config.block_size
         refill = max(1, block_size // 2) if refill is None else refill
-        if not 1 <= refill <= block_size:
-            raise LitGPTCharError(f"refill must be in 1..block_size ({block_size}), got {refill}")
-        if max_new_tokens == 0:
-            return
-        cache = None
-        if use_cache:
-            dtype = self.lm_head.weight.dtype
-            cache = KVCache(self.config, idx.size(0), idx.device, dtype)
-            logits, _ = self(idx[:, -block_size:], cache=cache)  # prefill
-        for i in range(max_new_tokens):
-            if cache is None:
-                logits, _ = self(idx[:, -block_size:])
-            step_logits = logits[:, -1, :]
+        for ok, message in (  # each message begins with the option's name: `sample` prefixes it with --
+            (max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {max_new_tokens}"),
+            (temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {temperature}"),
+            (top_k is None or top_k >= 1, f"top_k must be >= 1 (or unset for no cut), got {top_k}"),
+            (idx.size(1) >= 1, "generation needs a context of at least one token"),
+            (1 <= refill <= block_size, f"refill must be in 1..block_size ({block_size}), got {refill}"),
+        ):
+            if not ok:
+                raise LitGPTCharError(message)
+        cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype) if use_cache else None
+        context = idx[:, -block_size:]  # what the next forward pass encodes
+        for _ in range(max_new_tokens):
+            if cache is not None and cache.pos == block_size:  # full: start again from the latest `refill` tokens
+                cache.pos, context = 0, idx[:, -refill:]
+            logits = self(context, cache=cache)[0][:, -1, :]
             if temperature == 0:
-                next_token = step_logits.argmax(dim=-1)
+                next_token = logits.argmax(dim=-1)
             else:
-                step_logits = step_logits.float() / temperature
-                if top_k is not None and top_k < step_logits.size(-1):
-                    kth = torch.topk(step_logits, top_k, dim=-1).values[:, -1:]
-                    step_logits = step_logits.masked_fill(step_logits < kth, float("-inf"))
-                probs = F.softmax(step_logits, dim=-1)
-                next_token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+                logits = logits.float() / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
             yield next_token
             idx = torch.cat((idx, next_token[:, None]), dim=1)
-            if cache is not None and i + 1 < max_new_tokens:
-                if cache.pos == block_size:  # full: start again from the latest `refill` tokens
-                    cache.pos = 0
-                    logits, _ = self(idx[:, -refill:], cache=cache)
-                else:
-                    logits, _ = self(next_token[:, None], cache=cache)
+            context = next_token[:, None] if cache is not None else idx[:, -block_size:]
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         """``idx`` (B, T) extended by ``max_new_tokens`` sampled tokens; options as in :meth:`stream`."""

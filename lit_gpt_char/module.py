@@ -25,26 +25,24 @@ from lit_gpt_char.model import GPT, GPTConfig
 from lit_gpt_char.optim import MuonAdamW
 
 
-def lr_factor(
-    step: int, warmup_steps: int, decay_steps: int, schedule: str, min_lr_ratio: float, cooldown_fraction: float
-) -> float:
+def lr_factor(step: int, warmup: int, end: int, schedule: str, floor: float, cooldown: float) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step``.
 
-    Linear warmup over ``warmup_steps``, then: "constant" stays at 1; "cosine" follows
-    min + (1 - min)·(1 + cos(π·t))/2 with t going 0 → 1 from the end of warmup to ``decay_steps``;
-    "wsd" (warmup-stable-decay) stays at 1 and decays linearly to min over the last
-    ``cooldown_fraction`` of ``decay_steps``. After ``decay_steps`` it holds at min.
+    Linear warmup over ``warmup`` steps, then: "constant" stays at 1; "cosine" follows
+    floor + (1 - floor)·(1 + cos(π·t))/2 with t going 0 → 1 from the end of warmup to step ``end``;
+    "wsd" (warmup-stable-decay) stays at 1 and decays linearly to ``floor`` over the last
+    ``cooldown`` fraction of ``end`` steps. After ``end`` it holds at ``floor`` (min_lr / learning_rate).
     """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
     if schedule == "cosine":
-        t = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
-    cooldown_start = decay_steps * (1.0 - cooldown_fraction)
-    t = min(1.0, max(0.0, (step - cooldown_start) / max(1.0, decay_steps - cooldown_start)))
-    return 1.0 - (1.0 - min_lr_ratio) * t
+        t = min(1.0, (step - warmup) / max(1, end - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    cooldown_start = end * (1.0 - cooldown)
+    t = min(1.0, max(0.0, (step - cooldown_start) / max(1.0, end - cooldown_start)))
+    return 1.0 - (1.0 - floor) * t
 
 
 def scaled_and_clipped(trainer: Trainer) -> bool:
@@ -99,23 +97,22 @@ class LitGPT(LightningModule):
     ) -> None:
         super().__init__()
         shape = GPTConfig(**config) if isinstance(config, dict) else config  # a dict: as stored in a checkpoint
-        if shape.vocab_size != len(vocab):
-            raise LitGPTCharError(f"config.vocab_size is {shape.vocab_size} but the vocabulary has {len(vocab)} chars")
-        if learning_rate <= 0 or min_lr < 0:
-            raise LitGPTCharError(f"learning_rate must be > 0 and min_lr >= 0, got {learning_rate} and {min_lr}")
-        if muon_lr <= 0 or not 0 <= muon_momentum < 1:
-            raise LitGPTCharError(f"muon_lr must be > 0 and muon_momentum in [0, 1), got {muon_lr} and {muon_momentum}")
-        if warmup_steps < 0:
-            raise LitGPTCharError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if lr_schedule != "constant" and decay_steps is not None and decay_steps <= warmup_steps:
-            raise LitGPTCharError(
-                f"decay_steps ({decay_steps}) must be greater than warmup_steps ({warmup_steps}): the decay follows "
-                f"the warmup"
-            )
-        if min_lr > learning_rate:
-            raise LitGPTCharError(f"min_lr ({min_lr}) must be at most learning_rate ({learning_rate})")
-        if not 0 <= cooldown_fraction <= 1:
-            raise LitGPTCharError(f"cooldown_fraction must be in [0, 1], got {cooldown_fraction}")
+        for ok, message in (  # each message begins with the option's name: the CLI writes it as --model.NAME
+            (shape.vocab_size == len(vocab), f"config.vocab_size ({shape.vocab_size}) != len(vocab) ({len(vocab)})"),
+            (learning_rate > 0, f"learning_rate must be > 0, got {learning_rate}"),
+            (muon_lr > 0, f"muon_lr must be > 0, got {muon_lr}"),
+            (0 <= muon_momentum < 1, f"muon_momentum must be in [0, 1), got {muon_momentum}"),
+            (warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}"),
+            (
+                lr_schedule == "constant" or decay_steps is None or decay_steps > warmup_steps,
+                f"decay_steps ({decay_steps}) must be greater than warmup_steps ({warmup_steps})",
+            ),
+            (min_lr >= 0, f"min_lr must be >= 0, got {min_lr}"),
+            (min_lr <= learning_rate, f"min_lr ({min_lr}) must be at most learning_rate ({learning_rate})"),
+            (0 <= cooldown_fraction <= 1, f"cooldown_fraction must be in [0, 1], got {cooldown_fraction}"),
+        ):
+            if not ok:
+                raise LitGPTCharError(message)
         config = asdict(shape)  # save_hyperparameters reads this local: plain values load with weights_only=True
         self.save_hyperparameters()
         self.tokenizer = CharTokenizer(vocab)
@@ -123,34 +120,22 @@ class LitGPT(LightningModule):
         # a function, not a second module attribute: the weights are stored once, named model.*, whether
         # compiled or not (a checkpoint then resumes with compile switched either way)
         self._forward = torch.compile(self.model.forward) if compile else self.model.forward
-        self._train_loss_sum: torch.Tensor | float = 0.0
-        self._train_loss_count = 0
-        self.val_loss = MeanMetric()
-        self.test_loss = MeanMetric()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets _current_fx_name around each of its ~40 hook calls a step; nn.Module.__setattr__'s
-        # bookkeeping adds up there. A plain string needs none of it
-        if name == "_current_fx_name":
-            self.__dict__[name] = value
-        else:
-            super().__setattr__(name, value)
+        self._train_loss_sum, self._train_loss_count = 0.0, 0  # train/loss of the log window under way
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)[0]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        _, loss = self._forward(x, y)
+        _, loss = self._forward(*batch)
         # aggregate every micro-batch, log every log_every_n_steps optimizer steps: a self.log call costs a
         # noticeable part of a small CPU step in Lightning 2.6 (benchmarks/trainer_overhead.py); a running sum on the
         # loss's device needs no sync
         self._train_loss_sum = loss.detach() + (self._train_loss_sum if self._train_loss_count else 0.0)
         self._train_loss_count += 1
-        trainer = self.trainer
-        if trainer.accumulate_grad_batches > 1 and accumulating(trainer):
+        if self.trainer.accumulate_grad_batches > 1 and accumulating(self.trainer):
             return loss  # not the window's last micro-batch: the optimizer steps (and the mean is logged) with that one
-        every = trainer.log_every_n_steps
+        every = self.trainer.log_every_n_steps
         if every and (self.global_step + 1) % every == 0:
             # mean over the micro-batches since the last log, on this rank
             self.log("train/loss", self._train_loss_sum / self._train_loss_count, prog_bar=True)
@@ -198,9 +183,7 @@ class LitGPT(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # checkpoints written before the weights were stored once also hold a copy of each under _forward.*
-        state = checkpoint["state_dict"]
-        for key in [key for key in state if key.startswith("_forward.")]:
-            del state[key]
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("_forward.")}
         window = checkpoint.get("train_loss_window", {"sum": 0.0, "count": 0})
         self._train_loss_sum, self._train_loss_count = window["sum"], window["count"]
 
@@ -211,34 +194,30 @@ class LitGPT(LightningModule):
     def configure_optimizers(self) -> Union[torch.optim.Optimizer, dict[str, Any]]:
         hp = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
-        muon = hp.optimizer == "muon"
         # Muon takes the blocks' weight matrices; the embedding tables and the head stay on AdamW
-        matrices = {p for block in self.model.h for p in block.parameters() if p.dim() == 2} if muon else set()
+        blocks = self.model.h if hp.optimizer == "muon" else []
+        muon = {p for block in blocks for p in block.parameters() if p.dim() == 2}
         groups = [
-            {"params": [p for p in params if p.dim() >= 2 and p not in matrices], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.dim() >= 2 and p not in muon], "weight_decay": hp.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # the fused kernel (CUDA and CPU) is faster than the per-tensor loop (benchmarks/RESULTS.md); under fp16's
-        # loss scaling Lightning cannot clip the gradients before it (they are unscaled inside the fused step)
+        # the fused kernel (CUDA and CPU) is faster than the per-tensor loop; under fp16's loss scaling Lightning
+        # cannot clip the gradients before it (they are unscaled inside the fused step)
         fused = hp.fused_adamw
         if fused is None:
             fused = self.device.type in ("cuda", "cpu") and not scaled_and_clipped(self.trainer)
         adamw = {"lr": hp.learning_rate, "betas": tuple(hp.betas), "fused": fused}
-        if muon:
-            muon_params = [p for p in params if p in matrices]
-            optimizer = MuonAdamW(muon_params, groups, hp.muon_lr, hp.muon_momentum, **adamw)
+        if hp.optimizer == "muon":
+            optimizer = MuonAdamW([p for p in params if p in muon], groups, hp.muon_lr, hp.muon_momentum, **adamw)
         else:
             optimizer = torch.optim.AdamW(groups, **adamw)
         if hp.lr_schedule == "constant" and hp.warmup_steps == 0:
             return optimizer
-        decay_steps = hp.decay_steps or self.trainer.max_steps
-        if decay_steps is None or decay_steps < 1:
-            raise LitGPTCharError(
-                f"lr_schedule {hp.lr_schedule!r} needs --model.decay_steps or --trainer.max_steps to know when to end"
-            )
-        min_ratio = hp.min_lr / hp.learning_rate
+        end = hp.decay_steps or self.trainer.max_steps
+        if end < 1:
+            raise LitGPTCharError(f"lr_schedule {hp.lr_schedule} has no end: set decay_steps or --trainer.max_steps")
+        ratio = hp.min_lr / hp.learning_rate
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_factor(step, hp.warmup_steps, decay_steps, hp.lr_schedule, min_ratio, hp.cooldown_fraction),
+            optimizer, lambda step: lr_factor(step, hp.warmup_steps, end, hp.lr_schedule, ratio, hp.cooldown_fraction)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -10,34 +10,20 @@ needs exactly that.
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.utilities import GradClipAlgorithmType
-from torch.optim import Optimizer
 
 
 class BF16MixedPrecision(MixedPrecision):
     """``precision="bf16-mixed"``, with clipping allowed for any optimizer (there is no loss scale)."""
 
-    def __init__(self, device: str) -> None:
-        super().__init__("bf16-mixed", device)
-
-    def clip_gradients(
-        self,
-        optimizer: Optimizer,
-        clip_val: Union[int, float] = 0.0,
-        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
-    ) -> None:
-        Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)
+    clip_gradients = Precision.clip_gradients  # the plain clipping, without MixedPrecision's refusal (for fp16)
 
 
 def allow_clipping_with_fused_optimizers(plugin: Precision) -> Precision:
     """``plugin``, or for Lightning's bf16-mixed the same with clipping allowed before a fused optimizer step."""
-    if type(plugin) is MixedPrecision and plugin.precision == "bf16-mixed":
-        return BF16MixedPrecision(plugin.device)
-    return plugin
+    bf16 = type(plugin) is MixedPrecision and plugin.precision == "bf16-mixed"
+    return BF16MixedPrecision("bf16-mixed", plugin.device) if bf16 else plugin
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -45,7 +31,7 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def auto_precision(device: str, bf16_native: bool, capability: Optional[tuple[int, int]] = None) -> tuple[str, str]:
+def auto_precision(device: str, bf16_native: bool, capability: tuple[int, int] | None = None) -> tuple[str, str]:
     """``--trainer.precision auto``: the precision ``device`` ("cuda", "mps", "cpu") runs natively, and why.
 
     bf16 autocast where the GPU computes bf16 natively (compute capability 8.0 and up: A100, H100, RTX 30xx);
