@@ -1,7 +1,7 @@
 """The command line: ``lightning``, ``lit-gpt-char`` and ``python -m lit_gpt_char`` are all :func:`main`.
 
     fit | validate | test   LightningCLI over LitGPT + ShakespeareDataModule (every option: --help)
-    sample                  text from a checkpoint alone (lit_gpt_char.sample)
+    sample                  text from a checkpoint alone (lit_gpt_char.sampling)
 
 A mistake the user can fix (:class:`LitGPTCharError`, or Lightning's own misconfiguration
 errors) is printed as one line, ``error: ...``, with exit status 2 and no traceback.
@@ -29,14 +29,12 @@ from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_gpt_char.callbacks import Checkpoint, InterruptCheckpoint, SampleTextCallback
-from lit_gpt_char.checkpoint import read_checkpoint
+from lit_gpt_char.checkpoints import Checkpoint, read_checkpoint
 from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.distributed import job_store, publish_error, publish_run_name, published_run_name, slurm_run_name
 from lit_gpt_char.errors import LitGPTCharError, shown
@@ -50,11 +48,12 @@ from lit_gpt_char.internals import (
 )
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT, scaled_and_clipped
-from lit_gpt_char.monitor import LossChart, ProgressBar, Throughput
+from lit_gpt_char.monitor import LossChart, Throughput
 from lit_gpt_char.parser import CLIParser
 from lit_gpt_char.precision import allow_clipping_with_fused_optimizers, auto_precision, native_bf16
 from lit_gpt_char.runs import CHECKPOINTS, RUN_ENV, Run, claim, hold, plan_run
-from lit_gpt_char.sample import sample_cli
+from lit_gpt_char.sampling import SampleTextCallback, sample_cli
+from lit_gpt_char.signals import InterruptCheckpoint
 
 DESCRIPTION = (
     "Train and evaluate a character-level GPT (Karpathy's 'Let's build GPT') with PyTorch Lightning. "
@@ -325,11 +324,6 @@ class LitGPTCLI(LightningCLI):
         super().after_instantiate_classes()
         strategy = self.trainer.strategy
         strategy.precision_plugin = allow_clipping_with_fused_optimizers(strategy.precision_plugin)
-        bar = self.trainer.progress_bar_callback
-        if type(bar) is TQDMProgressBar:  # Lightning's default bar, or one configured: the one that reads on resume
-            self.trainer.callbacks[self.trainer.callbacks.index(bar)] = ProgressBar(
-                bar.refresh_rate, bar.process_position
-            )
         # checks that need the built objects, made before the Trainer writes anything
         cores = os.cpu_count() or 1
         if isinstance(self.trainer.accelerator, CPUAccelerator) and self.trainer.num_devices > cores:
@@ -602,7 +596,7 @@ TRAINER_DEFAULTS = {  # with the DataModule's and SampleTextCallback's own defau
     "check_val_every_n_epoch": None,  # count val_check_interval in steps across epochs
     "val_check_interval": 100,
     "log_every_n_steps": 50,
-    "plugins": {"class_path": "lit_gpt_char.checkpoint.AtomicCheckpointIO"},  # no half-written checkpoint files
+    "plugins": {"class_path": "lit_gpt_char.checkpoints.AtomicCheckpointIO"},  # no half-written checkpoint files
     "profiler": {"class_path": "lit_gpt_char.cli.QuietProfiler"},
 }
 
