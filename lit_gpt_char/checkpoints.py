@@ -36,12 +36,9 @@ class Checkpoint(ModelCheckpoint):
     _after_evaluation: Optional[tuple] = None  # a step's save waiting for the evaluation at that step
     evaluated_step: Optional[int] = None  # of fit's latest evaluation: its val/loss is in trainer.callback_metrics
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self._trainer = trainer
-
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self._trainer = trainer  # for format_checkpoint_name: this callback saves only from here on
         # the step a run resumes from is on disk already; saving it again would, under gradient accumulation,
         # write the state of the first micro-batch after resuming, in the middle of an accumulation window
         mark_saved(self, trainer.global_step)

@@ -41,7 +41,7 @@ class Throughput(Callback):
         self._paused += time.perf_counter() - self._pause_start
 
     def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, i: int
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step, every = trainer.global_step, trainer.log_every_n_steps
         if not every or step % every or step == self._start_step:  # once per optimizer step, at log points
@@ -60,8 +60,9 @@ class LossChart(Callback):
     """One TensorBoard chart with train/loss and val/loss together (a custom-scalars layout, written when training
     starts): over- or under-fitting at a glance. The separate series stay where they were."""
 
+    LAYOUT = {"loss": {"train/loss and val/loss": ["Multiline", ["train/loss", "val/loss"]]}}
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for logger in trainer.loggers if trainer.is_global_zero else []:
             if isinstance(logger, TensorBoardLogger):
-                layout = {"loss": {"train/loss and val/loss": ["Multiline", ["train/loss", "val/loss"]]}}
-                logger.experiment.add_custom_scalars(layout)
+                logger.experiment.add_custom_scalars(self.LAYOUT)

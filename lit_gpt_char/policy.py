@@ -42,18 +42,13 @@ class RunPolicy(Callback):
     # ---- divergence ----
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        if self._checks_on_host(loss):
-            here = not bool(torch.isfinite(loss))
-            if trainer.strategy.reduce_boolean_decision(here, all=False):  # any rank: all stop here
-                self._diverged(
-                    trainer, trainer.global_step, f"is {loss.item()}" if here else "is not finite on another rank"
-                )
-            return
         if self._first_bad is None:
             self._first_bad = torch.full((), _NO_BAD_STEP, dtype=torch.long, device=loss.device)
         # the step goes to the kernel as a Python scalar: no copy to the device, no sync
         bad = ~torch.isfinite(loss) & (self._first_bad == _NO_BAD_STEP)
         self._first_bad = torch.where(bad, trainer.global_step, self._first_bad)
+        if self._checks_on_host(loss):  # free on a CPU, and before the backward pass: the weights stay good
+            self.check_finite(trainer, f"is {loss.item()}" if bool(bad) else "is not finite on another rank")
 
     @staticmethod
     def _checks_on_host(loss: torch.Tensor) -> bool:
@@ -64,21 +59,17 @@ class RunPolicy(Callback):
         step = None if self._first_bad is None else int(self._first_bad)
         return None if step == _NO_BAD_STEP else step
 
-    def check_finite(self, trainer: Trainer) -> None:
+    def check_finite(self, trainer: Trainer, loss: str = "is not finite") -> None:
         """Raise if a training loss so far was not finite on any rank (call it on every rank alike)."""
         if self._first_bad is None:
             return
-        first = trainer.strategy.reduce(self._first_bad.clone(), reduce_op="min")  # over the ranks
-        if int(first) != _NO_BAD_STEP:
-            self._diverged(trainer, int(first), "is not finite")
-
-    @staticmethod
-    def _diverged(trainer: Trainer, step: int, loss: str) -> None:
-        raise LitGPTCharError(
-            f"training diverged: the loss {loss} at step {step}. Checkpoints are kept as they were (last: "
-            f"{last_checkpoint(trainer) or 'none written yet'}); try a lower --model.learning_rate, "
-            f"--model.warmup_steps or --trainer.gradient_clip_val 1.0"
-        )
+        first = int(trainer.strategy.reduce(self._first_bad.clone(), reduce_op="min"))  # over the ranks
+        if first != _NO_BAD_STEP:
+            raise LitGPTCharError(
+                f"training diverged: the loss {loss} at step {first}. Checkpoints are kept as they were (last: "
+                f"{last_checkpoint(trainer) or 'none written yet'}); try a lower --model.learning_rate, "
+                f"--model.warmup_steps or --trainer.gradient_clip_val 1.0"
+            )
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
@@ -91,17 +82,16 @@ class RunPolicy(Callback):
 
     # ---- optimizer steps as the unit ----
 
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.on_train_epoch_start(trainer, pl_module)
-
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # also at each epoch: Lightning sets val_check_batch again when it reloads the dataloader
+        # at the start of fit and of each epoch: Lightning sets val_check_batch again when it reloads the dataloader
         k = trainer.accumulate_grad_batches
         if k == 1 or trainer.val_check_batch in (None, float("inf")):
             return
         interval = trainer.val_check_interval
         batches = interval * k if isinstance(interval, int) else trainer.val_check_batch
         trainer.val_check_batch = -(-batches // k) * k  # a fraction of an epoch: rounded up to whole windows
+
+    on_train_start = on_train_epoch_start
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
         set_logging_step(trainer, trainer.global_step)
@@ -117,9 +107,8 @@ class RunPolicy(Callback):
         states = {"torch": torch.get_rng_state()}
         if pl_module.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(pl_module.device)
-        checkpoint["rng_states"] = [states]
+        checkpoint["rng_states"] = [states] * trainer.world_size
         if trainer.world_size > 1:  # every rank saves alike, only rank 0 writes: it gathers the others' states
-            checkpoint["rng_states"] = [None] * trainer.world_size
             torch.distributed.all_gather_object(checkpoint["rng_states"], states)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:

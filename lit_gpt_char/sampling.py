@@ -60,14 +60,12 @@ class SampleTextCallback(Callback):
             raise LitGPTCharError('--sampling.prompt is empty; use "\\n" to start from a new line')
 
     def check_prompt(self, tokenizer: CharTokenizer) -> None:
-        """Fail now, not at step N, if the prompt has a character outside the vocabulary."""
+        """Fail now, not at step N, if the prompt has a character outside the vocabulary (the CLI calls it once the
+        model is built, before anything is printed)."""
         try:
             tokenizer.encode(self.prompt)
         except LitGPTCharError as err:
             raise LitGPTCharError(f"--sampling.prompt: {err}") from None
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.check_prompt(pl_module.tokenizer)
 
     def sample(self, pl_module: LightningModule, max_new_tokens: int) -> str:
         """The prompt followed by ``max_new_tokens`` sampled characters."""

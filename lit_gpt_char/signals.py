@@ -67,15 +67,15 @@ class InterruptCheckpoint(Callback):
             set_sigterm(trainer, True)  # Lightning raises SIGTERMException at the end of this batch
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if trainer.state.fn != TrainerFn.FITTING:
-            return
-        if not (self._stopping and isinstance(exception, SIGTERMException)):
-            if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
-                last = shown(last_checkpoint(trainer)) or "none"
-                _say(
-                    f"interrupted by Ctrl-C during step {trainer.global_step + 1}: nothing saved "
-                    f"(the last checkpoint is {last})"
-                )
+        if (
+            isinstance(exception, KeyboardInterrupt)
+            and trainer.state.fn == TrainerFn.FITTING
+            and trainer.is_global_zero
+        ):
+            # the second Ctrl-C: Lightning's own exit says nothing
+            what = f"nothing saved (the last checkpoint is {shown(last_checkpoint(trainer)) or 'none'})"
+            _say(f"interrupted by Ctrl-C during step {trainer.global_step + 1}: {what}")
+        if not (self._stopping and isinstance(exception, SIGTERMException)):  # only our stop saves (set in fit)
             return
         path = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or "checkpoints") / "last.ckpt"
         # at an evaluation step the checkpoint callbacks have just written it (the grace time of a SIGTERM is short)
