@@ -29,6 +29,7 @@ from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import PassThroughProfiler
@@ -48,7 +49,7 @@ from lit_gpt_char.internals import (
 )
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT, scaled_and_clipped
-from lit_gpt_char.monitor import LossChart, Throughput
+from lit_gpt_char.monitor import LossChart, ProgressBar, Throughput
 from lit_gpt_char.parser import CLIParser
 from lit_gpt_char.precision import allow_clipping_with_fused_optimizers, auto_precision, native_bf16
 from lit_gpt_char.runs import CHECKPOINTS, RUN_ENV, Run, claim, hold, plan_run
@@ -324,6 +325,11 @@ class LitGPTCLI(LightningCLI):
         super().after_instantiate_classes()
         strategy = self.trainer.strategy
         strategy.precision_plugin = allow_clipping_with_fused_optimizers(strategy.precision_plugin)
+        bar = self.trainer.progress_bar_callback
+        if type(bar) is TQDMProgressBar:  # Lightning's default bar, or one configured: the one that reads on resume
+            self.trainer.callbacks[self.trainer.callbacks.index(bar)] = ProgressBar(
+                bar.refresh_rate, bar.process_position
+            )
         # checks that need the built objects, made before the Trainer writes anything
         cores = os.cpu_count() or 1
         if isinstance(self.trainer.accelerator, CPUAccelerator) and self.trainer.num_devices > cores:

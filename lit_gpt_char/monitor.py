@@ -1,26 +1,28 @@
-"""What a person watching a run looks at beside the losses: throughput (tokens/s, MFU) and train vs val in one chart."""
+"""What a person watching a run looks at beside the losses: throughput (tokens/s, MFU), train vs val in one chart, and
+a progress bar that reads right after a resume."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 
 class Throughput(Callback):
     """Logs ``train/tokens_per_sec`` (all ranks together) and, where Lightning knows the device's bf16 peak (GPUs),
     ``train/mfu`` = tokens/s × ``GPT.flops_per_token()`` / (peak × devices), to the progress bar and TensorBoard at
-    each ``log_every_n_steps``: over the optimizer steps since the previous log point, without validation time.
+    each ``log_every_n_steps``: over the optimizer steps since the previous log point or evaluation, without
+    validation time.
 
     Not Lightning's ThroughputMonitor: it synchronises CUDA after every batch, stalling the host each step; here the
     device is synchronised at log points only, and the metrics keep the names above.
     """
-
-    _paused = 0.0  # seconds of validation in the interval (the sanity check's comes before the first)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._flops_per_token = pl_module.model.flops_per_token()
@@ -32,13 +34,9 @@ class Throughput(Callback):
         return time.perf_counter()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start, self._start_step, self._paused = self._now(trainer), trainer.global_step, 0.0
+        self._start, self._start_step = self._now(trainer), trainer.global_step
 
-    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._pause_start = self._now(trainer)
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._paused += time.perf_counter() - self._pause_start
+    on_validation_end = on_train_start  # an interval starts again after each evaluation: no validation time in it
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -46,7 +44,7 @@ class Throughput(Callback):
         step, every = trainer.global_step, trainer.log_every_n_steps
         if not every or step % every or step == self._start_step:  # once per optimizer step, at log points
             return
-        seconds = self._now(trainer) - self._start - self._paused
+        seconds = self._now(trainer) - self._start
         tokens = (step - self._start_step) * batch[0].numel() * trainer.accumulate_grad_batches * trainer.world_size
         tokens_per_sec = tokens / max(seconds, 1e-9)
         pl_module.log("train/tokens_per_sec", tokens_per_sec, prog_bar=True, rank_zero_only=True)
@@ -66,3 +64,17 @@ class LossChart(Callback):
         for logger in trainer.loggers if trainer.is_global_zero else []:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_custom_scalars(self.LAYOUT)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar, also right after a resume. Lightning 2.6 counts it from the batch the run resumed at in its
+    nominal epoch, but sizes it to the steps left, and resuming mid-epoch skips the hook that sizes it and names the
+    epoch (Lightning #20603): it read ``310/?`` at a rate that counted the batches before the resume as done at once."""
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        if batch_idx and bar is not None and not bar.disable and bar.n == 0:  # the first batch after a resume
+            total = min(trainer.num_training_batches, batch_idx + self.total_train_batches)  # as if it started here
+            bar.reset(total=None if math.isinf(total) else total)  # tqdm's "unknown"
+            bar.n = bar.initial = bar.last_print_n = batch_idx
+            bar.set_description(f"Epoch {trainer.current_epoch}")
