@@ -1,7 +1,7 @@
 """The command line: ``lightning``, ``lit-gpt-char`` and ``python -m lit_gpt_char`` are all :func:`main`.
 
     fit | validate | test   LightningCLI over LitGPT + ShakespeareDataModule (every option: --help)
-    sample                  text from a checkpoint alone (lit_gpt_char.sample)
+    sample                  text from a checkpoint alone (lit_gpt_char.sampling)
 
 A mistake the user can fix (:class:`LitGPTCharError`, or Lightning's own misconfiguration
 errors) is printed as one line, ``error: ...``, with exit status 2 and no traceback.
@@ -35,8 +35,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_gpt_char.callbacks import Checkpoint, InterruptCheckpoint, SampleTextCallback
-from lit_gpt_char.checkpoint import read_checkpoint
+from lit_gpt_char.checkpoints import Checkpoint, read_checkpoint
 from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.distributed import job_store, publish_error, publish_run_name, published_run_name, slurm_run_name
 from lit_gpt_char.errors import LitGPTCharError, shown
@@ -54,7 +53,8 @@ from lit_gpt_char.monitor import LossChart, ProgressBar, Throughput
 from lit_gpt_char.parser import CLIParser
 from lit_gpt_char.precision import allow_clipping_with_fused_optimizers, auto_precision, native_bf16
 from lit_gpt_char.runs import CHECKPOINTS, RUN_ENV, Run, claim, hold, plan_run
-from lit_gpt_char.sample import sample_cli
+from lit_gpt_char.sampling import SampleTextCallback, sample_cli
+from lit_gpt_char.signals import InterruptCheckpoint
 
 DESCRIPTION = (
     "Train and evaluate a character-level GPT (Karpathy's 'Let's build GPT') with PyTorch Lightning. "
@@ -602,7 +602,7 @@ TRAINER_DEFAULTS = {  # with the DataModule's and SampleTextCallback's own defau
     "check_val_every_n_epoch": None,  # count val_check_interval in steps across epochs
     "val_check_interval": 100,
     "log_every_n_steps": 50,
-    "plugins": {"class_path": "lit_gpt_char.checkpoint.AtomicCheckpointIO"},  # no half-written checkpoint files
+    "plugins": {"class_path": "lit_gpt_char.checkpoints.AtomicCheckpointIO"},  # no half-written checkpoint files
     "profiler": {"class_path": "lit_gpt_char.cli.QuietProfiler"},
 }
 

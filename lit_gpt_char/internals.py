@@ -16,10 +16,7 @@ from typing import Any
 from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.cli import LightningCLI
-
-__all__ = ["convert_inf", "destroy_dist_connection"]
 
 # torch.distributed's teardown as Lightning registers it for the process groups it creates
 destroy_dist_connection = _destroy_dist_connection

@@ -17,12 +17,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn import functional as F
 from torchmetrics import MeanMetric
 
-from lit_gpt_char.callbacks import RunPolicy
 from lit_gpt_char.data import CharTokenizer
 from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.internals import accumulating
 from lit_gpt_char.model import GPT, GPTConfig
 from lit_gpt_char.optim import MuonAdamW
+from lit_gpt_char.policy import RunPolicy
 
 
 def lr_factor(step: int, warmup: int, end: int, schedule: str, floor: float, cooldown: float) -> float:

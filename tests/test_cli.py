@@ -16,13 +16,13 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lit_gpt_char.callbacks import SampleTextCallback
-from lit_gpt_char.checkpoint import load_checkpoint
+from lit_gpt_char.checkpoints import load_checkpoint
 from lit_gpt_char.cli import _flatten
 from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT
 from lit_gpt_char.precision import auto_precision
+from lit_gpt_char.sampling import SampleTextCallback
 
 from .conftest import ROOT, SMALL, TINY, outputs_under, printed, run_main, run_subprocess
 
@@ -186,7 +186,7 @@ def test_fp16_with_clipping_takes_the_plain_adamw_step(
     fp16 = tmp_path / "fp16.yaml"
     fp16.write_text(
         "trainer:\n  precision: null\n  gradient_clip_val: 1.0\n  plugins:\n"
-        "    - class_path: lit_gpt_char.checkpoint.AtomicCheckpointIO\n"
+        "    - class_path: lit_gpt_char.checkpoints.AtomicCheckpointIO\n"
         "    - {class_path: lightning.pytorch.plugins.precision.MixedPrecision, "
         "init_args: {precision: 16-mixed, device: cpu}}\n"
     )

@@ -14,12 +14,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.nn import functional as F
 
-from lit_gpt_char.callbacks import RunPolicy
-from lit_gpt_char.checkpoint import load_checkpoint
+from lit_gpt_char.checkpoints import load_checkpoint
 from lit_gpt_char.data import CharTokenizer, FixedWindows
 from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT
+from lit_gpt_char.policy import RunPolicy
 
 from .conftest import TINY, make_text, run_main, run_subprocess
 from .test_cli import read_events

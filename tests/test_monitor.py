@@ -59,7 +59,7 @@ def test_mfu_against_the_device_peak(corpus: Path, workdir: Path, monkeypatch: p
     assert run_main(["fit", *TINY, "--data.path", str(corpus)]) == 0
     scalars, _ = read_events(workdir / "lightning_logs")
     # TINY's model: 2 layers of 32, block 16; the vocabulary is the tiny corpus's
-    from lit_gpt_char.checkpoint import load_checkpoint
+    from lit_gpt_char.checkpoints import load_checkpoint
 
     (last,) = workdir.glob("checkpoints/**/last.ckpt")
     flops_per_token = load_checkpoint(last)[0].flops_per_token()

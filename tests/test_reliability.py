@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_gpt_char.callbacks import RunPolicy
-from lit_gpt_char.checkpoint import AtomicCheckpointIO
+from lit_gpt_char.checkpoints import AtomicCheckpointIO
 from lit_gpt_char.errors import LitGPTCharError
+from lit_gpt_char.policy import RunPolicy
 
 from .conftest import ROOT, TINY, make_text, outputs_under, run_main
 from .test_cli import read_events

@@ -15,7 +15,7 @@ import torch
 import yaml
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from lit_gpt_char.checkpoint import AtomicCheckpointIO
+from lit_gpt_char.checkpoints import AtomicCheckpointIO
 from lit_gpt_char.precision import allow_clipping_with_fused_optimizers
 
 from .conftest import ROOT, TINY, make_text, outputs_under, printed, run_main, run_subprocess

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_gpt_char.callbacks import SampleTextCallback
-from lit_gpt_char.checkpoint import load_checkpoint
+from lit_gpt_char.checkpoints import load_checkpoint
 from lit_gpt_char.module import LitGPT
-from lit_gpt_char.sample import sample
+from lit_gpt_char.sampling import SampleTextCallback, sample
 
 from .conftest import TINY, run_main
 
