@@ -48,7 +48,8 @@ def job_store() -> Optional[dist.Store]:
     or Lightning's own processes."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         return _attempt_store()
-    if _srun_tasks() > 1:  # a requeued job runs again on the same address, with a new rank 0
+    srun = "TORCHELASTIC_RUN_ID" not in os.environ and SLURMEnvironment.detect()  # srun without torchrun
+    if srun and int(os.environ["SLURM_NTASKS"]) > 1:  # a requeued job runs again on the same address, new rank 0
         slurm = SLURMEnvironment()
         return dist.TCPStore(
             slurm.main_address, slurm.main_port, is_master=slurm.global_rank() == 0, timeout=_NAME_TIMEOUT
@@ -84,11 +85,9 @@ def _attempt_store() -> dist.Store:
     return store
 
 
-def _srun_tasks() -> int:
-    """How many tasks srun started for this job step (without torchrun); 0 if none."""
-    if "TORCHELASTIC_RUN_ID" in os.environ or not SLURMEnvironment.detect():
-        return 0
-    return int(os.environ["SLURM_NTASKS"])
+def is_child() -> bool:
+    """A process other than rank 0 of a multi-process job: it joins the run rank 0 claims, and claims nothing."""
+    return any(os.environ.get(var, "0") != "0" for var in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
 
 
 def slurm_run_name() -> Optional[str]:

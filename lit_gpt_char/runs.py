@@ -6,10 +6,13 @@ A new run claims its checkpoint folder with one atomic ``mkdir`` (two runs start
 different names), so it never writes into another run's folders. Resuming a run's checkpoint continues
 that run: the same folders, and TensorBoard is told to drop what was logged after the checkpoint. While a
 run trains, its process holds a lock in its checkpoint folder, so no second process continues it at once.
+The other processes of a multi-process job join the run global rank 0 claims: Lightning's own DDP processes
+learn its name from ``RUN_ENV``, those of torchrun or srun from rank 0's store (distributed.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +21,7 @@ from typing import Callable, Optional
 
 from filelock import FileLock, Timeout
 
+from lit_gpt_char.distributed import is_child, publish_run_name, published_run_name, slurm_run_name
 from lit_gpt_char.errors import LitGPTCharError
 
 CHECKPOINTS = Path("checkpoints")  # the home of every run's checkpoint folder, relative to the working directory
@@ -87,6 +91,50 @@ def plan_run(ckpt_path: Optional[str], run_name: Optional[str], root: Path = CHE
     if folder.parent == root.resolve() and run_name in (None, folder.name):
         return Run(folder.name, root / folder.name, path, continues=True)
     return Run(new.name, new.checkpoint_dir, path)
+
+
+def this_run(subcommand: str, ckpt_path: Optional[str], run_name: Optional[str]) -> Run:
+    """The run ``subcommand`` works on in this process: :func:`plan_run`'s, or for a process other than rank 0 of a
+    job, the run rank 0 chose (waits until it has). Inside a SLURM job an unnamed run is the job's own, which a
+    requeued job continues with --ckpt_path last."""
+    if is_child():
+        run_name = os.environ.get(RUN_ENV) or (published_run_name() if subcommand == "fit" else None) or run_name
+    elif subcommand == "fit":
+        run_name = run_name or slurm_run_name()
+    run = plan_run(ckpt_path, run_name)
+    if subcommand == "fit" and not run.name and is_child():
+        raise LitGPTCharError(
+            "this process was started by an outside launcher that does not say which run rank 0 chose: "
+            "give the job a --run_name"
+        )
+    if subcommand != "fit" and run.resume_from is None:
+        which = f"run {run_name}" if run_name else "no run in checkpoints/"
+        raise LitGPTCharError(
+            f"{subcommand} evaluates a checkpoint: pass --ckpt_path last or best (the newest run's), or a checkpoint "
+            f"file" + (f"; --ckpt_path {ckpt_path}: {which} has one" if ckpt_path else "")
+        )
+    return run
+
+
+def start(run: Run, log_root: Optional[Path]) -> tuple[Run, Callable[[bool], None]]:
+    """Rank 0 of a fit: claim ``run``, hold it while this process trains it, and hand its name to the job's other
+    processes. Returns the run and the function that ends this; with ``undo`` (the command's input was rejected
+    before the run began) it also removes the folders it created."""
+    created = [] if CHECKPOINTS.is_dir() else [CHECKPOINTS]
+    run = claim(run, log_root)
+    created = [] if run.continues else [run.checkpoint_dir, *created]
+    release = hold(run)
+    publish_run_name(run.name)  # under torchrun or srun the other ranks wait for it
+    os.environ[RUN_ENV] = run.name  # Lightning's DDP processes re-run this command
+
+    def end(undo: bool) -> None:
+        release()
+        os.environ.pop(RUN_ENV, None)
+        for folder in created if undo else ():
+            with contextlib.suppress(OSError):  # only if still empty
+                folder.rmdir()
+
+    return run, end
 
 
 def claim(run: Run, log_root: Optional[Path], root: Path = CHECKPOINTS) -> Run:
