@@ -69,12 +69,8 @@ def _plain(value: Any) -> Any:
 
 def check_trainer(trainer: Namespace) -> None:
     """Trainer options Lightning would reject with a message that does not say what to do."""
-    gpu = trainer.accelerator in ("gpu", "cuda")  # "gpu" is also Apple's MPS to Lightning
-    if (
-        gpu
-        and not torch.cuda.is_available()
-        and not (trainer.accelerator == "gpu" and torch.backends.mps.is_available())
-    ):
+    mps = trainer.accelerator == "gpu" and torch.backends.mps.is_available()  # "gpu" is also Apple's MPS to Lightning
+    if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available() and not mps:
         raise LitGPTCharError(
             f"--trainer.accelerator {trainer.accelerator}: no CUDA GPU is visible here; use --trainer.accelerator cpu "
             f"(configs/small.yaml is sized for a CPU)"
@@ -127,10 +123,8 @@ def sized_for_a_gpu(trainer: Trainer, model: LitGPT, batch_size: int) -> Optiona
     """A note when a run on a CPU would take hours: the expected time per step, and the CPU config."""
     gpt, windows = model.model, batch_size * trainer.accumulate_grad_batches
     # training FLOPs of one step: under ~1e11 a step is well under a second on any CPU
-    if (
-        not isinstance(trainer.accelerator, CPUAccelerator)
-        or gpt.flops_per_token() * windows * gpt.config.block_size < 1e11
-    ):
+    big = gpt.flops_per_token() * windows * gpt.config.block_size >= 1e11
+    if not big or not isinstance(trainer.accelerator, CPUAccelerator):
         return None
     with torch.no_grad(), trainer.precision_plugin.forward_context():
         start = time.perf_counter()
@@ -138,14 +132,8 @@ def sized_for_a_gpu(trainer: Trainer, model: LitGPT, batch_size: int) -> Optiona
     seconds = 3 * (time.perf_counter() - start) * windows / 2  # the backward pass costs about twice the forward
     steps = trainer.max_steps
     total = f" ({steps} steps: ~{steps * seconds / 3600:.1f} h)" if steps and steps > 0 else ""
-    return (
-        None
-        if seconds < 1
-        else (
-            f"note: this run is sized for a GPU: on this CPU one step takes ~{seconds:.0f} s{total}; "
-            f"configs/small.yaml is the CPU config"
-        )
-    )
+    note = f"note: this run is sized for a GPU: on this CPU one step takes ~{seconds:.0f} s{total}; configs/small.yaml"
+    return f"{note} is the CPU config" if seconds >= 1 else None
 
 
 def name_options(message: str) -> str:

@@ -29,20 +29,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_gpt_char import internals
 from lit_gpt_char.callbacks import Checkpoint, InterruptCheckpoint, SampleTextCallback
 from lit_gpt_char.checkpoint import read_checkpoint
 from lit_gpt_char.checks import HeldOutput, check_built, check_trainer, follow_checkpoint, name_options, sized_for_a_gpu
 from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.distributed import is_child, job_store, publish_error
 from lit_gpt_char.errors import LitGPTCharError, shown
-from lit_gpt_char.internals import (
-    keep_help_as_written,
-    parser_actions,
-    subcommand_choices,
-    subcommand_parsers,
-    type_of,
-    widen_type,
-)
 from lit_gpt_char.module import LitGPT
 from lit_gpt_char.monitor import LossChart, ProgressBar, Throughput
 from lit_gpt_char.parser import CLIParser
@@ -123,9 +116,9 @@ class LitGPTCLI(LightningCLI):
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
         parser.usage = "%(prog)s [-h] [-c CONFIG] {fit,validate,test,sample} ..."  # main() runs sample itself
-        for choice in subcommand_choices(parser):
+        for choice in internals.subcommand_choices(parser):
             choice.help = SUBCOMMAND_HELP[choice.dest]
-        for name, subparser in subcommand_parsers(self).items():
+        for name, subparser in internals.subcommand_parsers(self).items():
             subparser.description = SUBCOMMAND_HELP[name]
             _set_help(subparser, "ckpt_path", CKPT_PATH_HELP.get(name, CKPT_PATH_HELP["validate"]))
 
@@ -140,13 +133,13 @@ class LitGPTCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         # "auto" beside Lightning's values (see _auto_precision)
         precision = _set_help(parser, "trainer.precision", PRECISION_HELP)
-        widen_type(precision, Optional[Union[Literal["auto"], type_of(precision)]])
+        internals.widen_type(precision, Optional[Union[Literal["auto"], internals.type_of(precision)]])
         # always on, also when a config gives its own trainer.callbacks list (which replaces the defaults)
         for callback, key in ((SampleTextCallback, "sampling"), (InterruptCheckpoint, "interrupt_checkpoint"),
                               (Throughput, "throughput"), (LossChart, "loss_chart")):  # fmt: skip
             parser.add_lightning_class_args(callback, key)
         # its default, a newline, would print as an invisible "default: \n": write it out
-        keep_help_as_written(
+        internals.keep_help_as_written(
             _set_help(parser, "sampling.prompt", "Text the samples continue (type: str, default: '\\n', a newline)")
         )
         for key, (title, description, defaults) in CHECKPOINT_GROUPS.items():
@@ -181,10 +174,9 @@ class LitGPTCLI(LightningCLI):
             return
         logger = config.trainer.logger
         tensorboard = isinstance(logger, Namespace) and logger.class_path.endswith("TensorBoardLogger")
+        log_root = Path(logger.init_args.save_dir) / logger.init_args.name if tensorboard else None
         if not is_child():
-            run, self._end = start(
-                run, Path(logger.init_args.save_dir) / logger.init_args.name if tensorboard else None
-            )
+            run, self._end = start(run, log_root)
         self._run = run
         if tensorboard:
             logger.init_args.version = run.name
@@ -235,11 +227,9 @@ class LitGPTCLI(LightningCLI):
         if run is None:
             ckpt_path = self.config[self.subcommand].ckpt_path
             return f"{self.subcommand} {ckpt_path} (step {self._step}) on {self.datamodule.scored()}"
-        logs = (
-            f"logs in {shown(trainer.logger.log_dir)}{os.sep}"
-            if isinstance(trainer.logger, TensorBoardLogger)
-            else "no logs"
-        )
+        logs = "no logs"
+        if isinstance(trainer.logger, TensorBoardLogger):
+            logs = f"logs in {shown(trainer.logger.log_dir)}{os.sep}"
         line = f"run {run.name}"
         if run.resume_from is not None:
             how = "resumed from" if run.continues else "starting from the weights of"
@@ -287,7 +277,7 @@ def _auto_precision(accelerator: Any) -> tuple[str, str]:
 
 
 def _set_help(parser: LightningArgumentParser, dest: str, help: str) -> Action:
-    action = next(action for action in parser_actions(parser) if action.dest == dest)
+    action = next(action for action in internals.parser_actions(parser) if action.dest == dest)
     action.help = help
     return action
 

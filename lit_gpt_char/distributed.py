@@ -143,15 +143,13 @@ class ElasticDDPStrategy(DDPStrategy):
         store = job_store()
         if store is not None and not dist.is_initialized():
             self.set_world_ranks()
-            kwargs = {"timeout": self._timeout}
-            if self.root_device.type != "cpu":
-                kwargs["device_id"] = self.root_device
             dist.init_process_group(
                 self._get_process_group_backend(),
                 store=dist.PrefixStore("process_group", store),
                 rank=self.global_rank,
                 world_size=self.world_size,
-                **kwargs,
+                timeout=self._timeout,
+                device_id=None if self.root_device.type == "cpu" else self.root_device,
             )
         super().setup_distributed()  # Lightning's own set-up; it finds the group initialised and keeps it
         # Lightning takes down only NCCL groups at exit. A gloo group left to the interpreter's finalization aborts
