@@ -34,7 +34,7 @@ from lit_gpt_char.callbacks import Checkpoint, InterruptCheckpoint, SampleTextCa
 from lit_gpt_char.checkpoint import read_checkpoint
 from lit_gpt_char.checks import HeldOutput, check_built, check_trainer, follow_checkpoint, name_options, sized_for_a_gpu
 from lit_gpt_char.data import ShakespeareDataModule
-from lit_gpt_char.distributed import is_child, job_store, publish_error
+from lit_gpt_char.distributed import is_child, job_store, publish
 from lit_gpt_char.errors import LitGPTCharError, shown
 from lit_gpt_char.module import LitGPT
 from lit_gpt_char.monitor import LossChart, ProgressBar, Throughput
@@ -76,13 +76,7 @@ CHECKPOINT_GROUPS = {  # title and description in fit --help, and the defaults
         "periodic and last checkpoints",
         "step-N.ckpt every every_n_train_steps optimizer steps, all kept (save_top_k -1; 0 turns them off), in the "
         "same folder; last.ckpt, the newest state, with each, after every evaluation and at the end of fit.",
-        {
-            "filename": "step-{step}",
-            "auto_insert_metric_name": False,
-            "every_n_train_steps": 1000,
-            "save_top_k": -1,
-            "save_last": True,
-        },
+        {"filename": "step-{step}", "every_n_train_steps": 1000, "save_top_k": -1, "save_last": True},
     ),
 }
 
@@ -104,7 +98,7 @@ class LitGPTCLI(LightningCLI):
         except BaseException as err:
             self._end(not self._held.released)  # rejected input: remove the run's folders again
             if getattr(self, "subcommand", None) == "fit" and not is_child():  # the job's other ranks wait for it
-                publish_error(str(err) if isinstance(err, LitGPTCharError) else f"global rank 0 failed: {err!r}")
+                publish(str(err) if isinstance(err, LitGPTCharError) else f"global rank 0 failed: {err!r}", error=True)
             self._held.release(show=False)
             raise
         self._end(False)
@@ -146,7 +140,8 @@ class LitGPTCLI(LightningCLI):
             parser.add_class_arguments(Checkpoint, key, fail_untyped=False, sub_configs=True, skip={"dirpath"})
             parser.callback_keys.append(key)
             parser.groups[key].title, parser.groups[key].description = title, description
-            parser.set_defaults({f"{key}.{k}": v for k, v in {**defaults, "enable_version_counter": False}.items()})
+            defaults = {**defaults, "enable_version_counter": False, "auto_insert_metric_name": False}  # not step=N
+            parser.set_defaults({f"{key}.{k}": v for k, v in defaults.items()})
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's puts the checkpoint's hyperparameters over the options given; before_instantiate_classes

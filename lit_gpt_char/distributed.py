@@ -97,24 +97,18 @@ def slurm_run_name() -> Optional[str]:
     return f"slurm_{job}" if job is not None else None
 
 
-def publish_run_name(name: str) -> None:
-    """Global rank 0: tell the job's other ranks which run this is (a no-op outside torchrun and srun)."""
-    store = job_store()
-    if store is not None:
-        store.set(_RUN_KEY, "run " + name)
-
-
-def publish_error(message: str) -> None:
-    """Global rank 0, failing before it named the run: the other ranks fail with the same message instead of
-    waiting for a process group rank 0 never joins. The store lives in this process: it waits (a bounded time)
-    until every rank has read the message."""
+def publish(message: str, error: bool = False) -> None:
+    """Global rank 0: tell the job's other ranks which run this is, or, failing before it named the run, its error, so
+    that they fail with the same message instead of waiting for a process group rank 0 never joins (a no-op outside
+    torchrun and srun). The store lives in this process: after an error it waits (a bounded time) until every rank
+    has read the message."""
     store = job_store()
     if store is None or store.check([_RUN_KEY]):  # named: the other ranks are past this point
         return
-    store.set(_RUN_KEY, "error " + message)
+    store.set(_RUN_KEY, ("error " if error else "run ") + message)
     others = int(os.environ.get("WORLD_SIZE") or os.environ["SLURM_NTASKS"]) - 1
     deadline = time.monotonic() + _TOLD_TIMEOUT
-    while store.add(_TOLD_KEY, 0) < others and time.monotonic() < deadline:
+    while error and store.add(_TOLD_KEY, 0) < others and time.monotonic() < deadline:
         time.sleep(0.1)
 
 

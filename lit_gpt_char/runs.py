@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from filelock import FileLock, Timeout
 
-from lit_gpt_char.distributed import is_child, publish_run_name, published_run_name, slurm_run_name
+from lit_gpt_char.distributed import is_child, publish, published_run_name, slurm_run_name
 from lit_gpt_char.errors import LitGPTCharError
 
 CHECKPOINTS = Path("checkpoints")  # the home of every run's checkpoint folder, relative to the working directory
@@ -152,7 +152,7 @@ def start(run: Run, log_root: Optional[Path]) -> tuple[Run, Callable[[bool], Non
             f"run {run.name} is in use: another process is training it ({run.checkpoint_dir / '.lock'} is locked); "
             f"wait until it ends, or choose another --run_name"
         ) from None
-    publish_run_name(run.name)  # under torchrun or srun the other ranks wait for it
+    publish(run.name)  # under torchrun or srun the other ranks wait for it
     os.environ[RUN_ENV] = run.name  # Lightning's DDP processes re-run this command
 
     def end(undo: bool) -> None:
