@@ -27,9 +27,6 @@ from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT, scaled_and_clipped
 
-# settings of the checkpoint's model that a resumed run may change: how the step is computed, not what
-MAY_CHANGE_ON_RESUME = ("compile", "fused_adamw")
-
 
 def given(key: str, argv: list[str]) -> bool:
     """Whether option ``key``, or a group holding it, is on the command line (a config file's does not count)."""
@@ -42,7 +39,8 @@ def follow_checkpoint(config: Namespace, ckpt: dict, path: Path, argv: list[str]
     An evaluation also scores the run's own validation set, its corpus and windows saved in the checkpoint, unless
     given on the command line (not those of the --config given, e.g. small.yaml's 3,200 windows)."""
     hparams = ckpt["hyper_parameters"]
-    theirs = {f"model.{k}": v for k, v in hparams.items() if k not in ("vocab", "config", *MAY_CHANGE_ON_RESUME)}
+    # compile and fused_adamw may change on resume: how the step is computed, not what
+    theirs = {f"model.{k}": v for k, v in hparams.items() if k not in ("vocab", "config", "compile", "fused_adamw")}
     # the corpus decides vocab_size (its vocabulary is checked on its own); block_size is the data's option
     theirs |= {f"model.config.{k}": v for k, v in hparams["config"].items() if k != "vocab_size"}
     theirs["data.block_size"] = theirs["model.config.block_size"]
@@ -54,11 +52,11 @@ def follow_checkpoint(config: Namespace, ckpt: dict, path: Path, argv: list[str]
     for key, value in theirs.items():
         if key not in config:
             continue
-        ours, value = [_plain(v) for v in (config[key], value)]
-        if ours != value and given(key, argv):
+        ours, plain = _plain(config[key]), _plain(value)
+        if ours != plain and given(key, argv):
             raise LitGPTCharError(
-                f"--{key} {ours} conflicts with checkpoint {path}, trained with {value}: when resuming, the checkpoint "
-                f"decides the model; pass --{key} {value} or drop it, or start a new run without --ckpt_path"
+                f"--{key} {ours} conflicts with checkpoint {path}, trained with {plain}: when resuming, the checkpoint "
+                f"decides the model; pass --{key} {plain} or drop it, or start a new run without --ckpt_path"
             )
         config[key] = value
 
