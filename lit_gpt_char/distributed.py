@@ -48,7 +48,8 @@ def job_store() -> Optional[dist.Store]:
     or Lightning's own processes."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         return _attempt_store()
-    if _srun_tasks() > 1:  # a requeued job runs again on the same address, with a new rank 0
+    srun = "TORCHELASTIC_RUN_ID" not in os.environ and SLURMEnvironment.detect()  # srun without torchrun
+    if srun and int(os.environ["SLURM_NTASKS"]) > 1:  # a requeued job runs again on the same address, new rank 0
         slurm = SLURMEnvironment()
         return dist.TCPStore(
             slurm.main_address, slurm.main_port, is_master=slurm.global_rank() == 0, timeout=_NAME_TIMEOUT
@@ -84,11 +85,9 @@ def _attempt_store() -> dist.Store:
     return store
 
 
-def _srun_tasks() -> int:
-    """How many tasks srun started for this job step (without torchrun); 0 if none."""
-    if "TORCHELASTIC_RUN_ID" in os.environ or not SLURMEnvironment.detect():
-        return 0
-    return int(os.environ["SLURM_NTASKS"])
+def is_child() -> bool:
+    """A process other than rank 0 of a multi-process job: it joins the run rank 0 claims, and claims nothing."""
+    return any(os.environ.get(var, "0") != "0" for var in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
 
 
 def slurm_run_name() -> Optional[str]:
@@ -98,24 +97,18 @@ def slurm_run_name() -> Optional[str]:
     return f"slurm_{job}" if job is not None else None
 
 
-def publish_run_name(name: str) -> None:
-    """Global rank 0: tell the job's other ranks which run this is (a no-op outside torchrun and srun)."""
-    store = job_store()
-    if store is not None:
-        store.set(_RUN_KEY, "run " + name)
-
-
-def publish_error(message: str) -> None:
-    """Global rank 0, failing before it named the run: the other ranks fail with the same message instead of
-    waiting for a process group rank 0 never joins. The store lives in this process: it waits (a bounded time)
-    until every rank has read the message."""
+def publish(message: str, error: bool = False) -> None:
+    """Global rank 0: tell the job's other ranks which run this is, or, failing before it named the run, its error, so
+    that they fail with the same message instead of waiting for a process group rank 0 never joins (a no-op outside
+    torchrun and srun). The store lives in this process: after an error it waits (a bounded time) until every rank
+    has read the message."""
     store = job_store()
     if store is None or store.check([_RUN_KEY]):  # named: the other ranks are past this point
         return
-    store.set(_RUN_KEY, "error " + message)
+    store.set(_RUN_KEY, ("error " if error else "run ") + message)
     others = int(os.environ.get("WORLD_SIZE") or os.environ["SLURM_NTASKS"]) - 1
     deadline = time.monotonic() + _TOLD_TIMEOUT
-    while store.add(_TOLD_KEY, 0) < others and time.monotonic() < deadline:
+    while error and store.add(_TOLD_KEY, 0) < others and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
@@ -144,15 +137,13 @@ class ElasticDDPStrategy(DDPStrategy):
         store = job_store()
         if store is not None and not dist.is_initialized():
             self.set_world_ranks()
-            kwargs = {"timeout": self._timeout}
-            if self.root_device.type != "cpu":
-                kwargs["device_id"] = self.root_device
             dist.init_process_group(
                 self._get_process_group_backend(),
                 store=dist.PrefixStore("process_group", store),
                 rank=self.global_rank,
                 world_size=self.world_size,
-                **kwargs,
+                timeout=self._timeout,
+                device_id=None if self.root_device.type == "cpu" else self.root_device,
             )
         super().setup_distributed()  # Lightning's own set-up; it finds the group initialised and keeps it
         # Lightning takes down only NCCL groups at exit. A gloo group left to the interpreter's finalization aborts

@@ -1,6 +1,6 @@
 """The option parser of every subcommand: jsonargparse's, with its errors as one line instead of a page of usage.
 
-Both the Lightning subcommands (cli.py) and ``sample`` (sample.py) build on it.
+Both the Lightning subcommands (cli.py) and ``sample`` (sampling.py) build on it.
 """
 
 from __future__ import annotations

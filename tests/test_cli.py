@@ -17,7 +17,6 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_gpt_char.checkpoints import load_checkpoint
-from lit_gpt_char.cli import _flatten
 from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT
@@ -25,6 +24,14 @@ from lit_gpt_char.precision import auto_precision
 from lit_gpt_char.sampling import SampleTextCallback
 
 from .conftest import ROOT, SMALL, TINY, outputs_under, printed, run_main, run_subprocess
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} as {"a.b": 1}."""
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def read_events(logdir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, str]]]]:
