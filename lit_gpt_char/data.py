@@ -105,8 +105,16 @@ class RandomWindows:
     accumulation windows of ``accumulate`` batches (Lightning steps early on an epoch's last batch).
     """
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, block_size: int, seed: int, rank: int, accumulate: int = 1,
-                 next_batch: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        batch_size: int,
+        block_size: int,
+        seed: int,
+        rank: int,
+        accumulate: int = 1,
+        next_batch: int = 0,
+    ) -> None:
         self.ids, self.batch_size, self.block_size, self.seed = ids, batch_size, block_size, seed
         self.rank, self.accumulate, self.next_batch = rank, accumulate, next_batch
 
@@ -142,8 +150,9 @@ class FixedWindows:
     of batches ``iter()`` yields, the short last tile's own batch included: Lightning stops after len().
     """
 
-    def __init__(self, ids: torch.Tensor, block_size: int, count: Optional[int], batch_size: int, rank: int,
-                 world_size: int) -> None:  # fmt: skip
+    def __init__(
+        self, ids: torch.Tensor, block_size: int, count: Optional[int], batch_size: int, rank: int, world_size: int
+    ) -> None:
         if count is None:
             starts = torch.arange(0, len(ids) - 1, block_size)
         else:
@@ -206,12 +215,25 @@ class ShakespeareDataModule(LightningDataModule):
             line says which) and draw windows there. Otherwise windows are gathered on the host.
     """
 
-    def __init__(self, path: Optional[str] = None, data_dir: str = "data/tinyshakespeare",
-                 url: str = TINY_SHAKESPEARE_URL, sha256: Optional[str] = corpus.TINY_SHAKESPEARE_SHA256,
-                 glob: Optional[str] = None, separator: str = "\\n", strict: bool = False,
-                 cache_dir: str = "data/cache", max_vocab: int = 65536, block_size: int = 32, batch_size: int = 16,
-                 train_fraction: float = 0.9, val_windows: Optional[int] = 3200, val_batch_size: int = 200,
-                 seed: int = 1337, on_device: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        data_dir: str = "data/tinyshakespeare",
+        url: str = TINY_SHAKESPEARE_URL,
+        sha256: Optional[str] = corpus.TINY_SHAKESPEARE_SHA256,
+        glob: Optional[str] = None,
+        separator: str = "\\n",
+        strict: bool = False,
+        cache_dir: str = "data/cache",
+        max_vocab: int = 65536,
+        block_size: int = 32,
+        batch_size: int = 16,
+        train_fraction: float = 0.9,
+        val_windows: Optional[int] = 3200,
+        val_batch_size: int = 200,
+        seed: int = 1337,
+        on_device: bool = False,
+    ) -> None:
         super().__init__()
         for name in ("block_size", "batch_size", "val_batch_size", "max_vocab", "val_windows"):
             if (value := locals()[name]) is not None and value < 1:
