@@ -16,6 +16,7 @@ import contextlib
 import functools
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -96,6 +97,7 @@ def _mix(*values: int) -> int:
     return h >> 1
 
 
+@dataclass(eq=False)  # eq=False: compared and hashed by identity, as Lightning expects of a loader
 class RandomWindows:
     """Endless training batches of random windows; batch ``n`` on rank ``r`` depends only on (seed, r, n).
 
@@ -105,18 +107,13 @@ class RandomWindows:
     accumulation windows of ``accumulate`` batches (Lightning steps early on an epoch's last batch).
     """
 
-    def __init__(
-        self,
-        ids: torch.Tensor,
-        batch_size: int,
-        block_size: int,
-        seed: int,
-        rank: int,
-        accumulate: int = 1,
-        next_batch: int = 0,
-    ) -> None:
-        self.ids, self.batch_size, self.block_size, self.seed = ids, batch_size, block_size, seed
-        self.rank, self.accumulate, self.next_batch = rank, accumulate, next_batch
+    ids: torch.Tensor
+    batch_size: int
+    block_size: int
+    seed: int
+    rank: int
+    accumulate: int = 1
+    next_batch: int = 0
 
     def __len__(self) -> int:
         return max(1, -(-(len(self.ids) // (self.batch_size * self.block_size)) // self.accumulate)) * self.accumulate
@@ -270,7 +267,7 @@ class ShakespeareDataModule(LightningDataModule):
         """Tokenize the corpus into the cache unless an up-to-date one is there, and check the splits (Lightning
         calls this once per node, on local rank 0; the CLI has usually done it already, to give the model its
         vocabulary). Mapping the cache costs nothing: this process maps it too."""
-        self._load()
+        self._split_ids()
 
     @functools.cached_property
     def store(self) -> corpus.TokenStore:
@@ -287,10 +284,6 @@ class ShakespeareDataModule(LightningDataModule):
     def tokenizer(self) -> CharTokenizer:
         self._split_ids()  # fail on a too-short split now, before anything is built or written
         return CharTokenizer(self.store.vocab)
-
-    def _load(self) -> tuple[CharTokenizer, torch.Tensor]:
-        """The tokenizer and the memory-mapped ids."""
-        return self.tokenizer, self.store.ids
 
     @property
     def vocab(self) -> str:
@@ -321,8 +314,8 @@ class ShakespeareDataModule(LightningDataModule):
         return f"{self.val_windows:,} fixed windows of {self.block_size} characters of the validation split of {source}"
 
     def setup(self, stage: str) -> None:
-        self._load()  # maps the cache on every rank
-        self.val_dataloader()  # too few validation windows for the world size: the error comes now, not mid-run
+        # maps the cache on every rank; too few validation windows for the world size: the error comes now, not mid-run
+        self.val_dataloader()
 
     def _on(self, train: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``train`` on ``device`` if it fits there (copied once, the map's pages let go after), else ``train``."""
