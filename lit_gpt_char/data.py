@@ -243,12 +243,12 @@ class ShakespeareDataModule(LightningDataModule):
         self.path = Path(path) if path is not None else self.data_dir / "input.txt"  # shown in messages
         self.sha256 = sha256 if path is None else None  # a file given with path is the user's own: not checked
         self.separator = separator.encode("latin-1", "backslashreplace").decode("unicode_escape")  # \\n → newline
-        self._train, self._device_train, self._windows_read = None, None, 0  # the stream, the ids on the device
+        self._train, self._windows_read = None, 0  # the training stream, windows read since the last release
 
     def __getstate__(self) -> dict:
         # spawned processes (ddp_spawn) map the cache themselves instead of receiving a copy of the corpus
         state = {k: v for k, v in vars(self).items() if k not in ("store", "tokenizer")}
-        return {**state, "_train": None, "_device_train": None}
+        return {**state, "_train": None}
 
     def _corpus(self) -> corpus.Corpus:
         """What to tokenize: the user's file or directory, the default file, the packaged or a downloaded corpus."""
@@ -318,18 +318,17 @@ class ShakespeareDataModule(LightningDataModule):
         self.val_dataloader()
 
     def _on(self, train: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """``train`` on ``device`` if it fits there (copied once, the map's pages let go after), else ``train``."""
-        if self._device_train is None or self._device_train.device != device:
-            size = train.numel() * train.element_size()
-            if device.type == "cuda" and size > (free := torch.cuda.mem_get_info(device)[0]) // 2:
-                _say(
-                    f"data: the training ids ({size / 1e9:.2f} GB) do not fit in half of {device}'s free memory "
-                    f"({free / 1e9:.2f} GB): windows are gathered on the host"
-                )
-                return train
-            self._device_train = train.to(device)  # the map's pages it read are let go with the next release
-            _say(f"data: the training ids ({size / 1e6:,.1f} MB) are on {device}; windows are drawn there")
-        return self._device_train
+        """``train`` copied to ``device`` if it fits there (the map's pages it read are let go with the next
+        release), else ``train``. Lightning asks for the training loader once a fit: one copy."""
+        size = train.numel() * train.element_size()
+        if device.type == "cuda" and size > (free := torch.cuda.mem_get_info(device)[0]) // 2:
+            _say(
+                f"data: the training ids ({size / 1e9:.2f} GB) do not fit in half of {device}'s free memory "
+                f"({free / 1e9:.2f} GB): windows are gathered on the host"
+            )
+            return train
+        _say(f"data: the training ids ({size / 1e6:,.1f} MB) are on {device}; windows are drawn there")
+        return train.to(device)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Every RELEASE_EVERY_WINDOWS windows drawn from the memory map, let its pages go: the map's resident
