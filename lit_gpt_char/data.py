@@ -247,7 +247,7 @@ class ShakespeareDataModule(LightningDataModule):
 
     def __getstate__(self) -> dict:
         # spawned processes (ddp_spawn) map the cache themselves instead of receiving a copy of the corpus
-        state = {k: v for k, v in vars(self).items() if k not in ("store", "tokenizer")}
+        state = {k: v for k, v in vars(self).items() if k != "store"}
         return {**state, "_train": None}
 
     def _corpus(self) -> corpus.Corpus:
@@ -280,19 +280,15 @@ class ShakespeareDataModule(LightningDataModule):
             )
         return store
 
-    @functools.cached_property
-    def tokenizer(self) -> CharTokenizer:
-        self._split_ids()  # fail on a too-short split now, before anything is built or written
-        return CharTokenizer(self.store.vocab)
-
     @property
     def vocab(self) -> str:
         """Every character of the corpus, sorted: the model's vocabulary (linked to the model)."""
-        return self.tokenizer.vocab
+        self._split_ids()  # fail on a too-short split now, before the model is built or anything written
+        return self.store.vocab
 
     @property
     def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
+        return len(self.vocab)
 
     def _split_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
         train, val = self.store.ids.tensor_split([int(self.train_fraction * len(self.store.ids))])

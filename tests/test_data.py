@@ -56,9 +56,9 @@ def test_split_is_90_10_and_windows_are_real_slices(corpus: Path) -> None:
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == y.shape == (8, 16) and x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
-    text = corpus.read_text()
+    text, tokenizer = corpus.read_text(), CharTokenizer(dm.vocab)
     for row_x, row_y in zip(x, y):
-        window = dm.tokenizer.decode(row_x) + dm.tokenizer.decode(row_y[-1:])
+        window = tokenizer.decode(row_x) + tokenizer.decode(row_y[-1:])
         assert window in text[: len(train) + 1]
 
 
