@@ -251,8 +251,16 @@ def _scan(corpus: Corpus, bar: tqdm) -> tuple[list[SourceFile], dict]:
     if tokens == 0:
         raise LitGPTCharError(f"corpus {corpus.label} is empty; pass a UTF-8 text file with --data.path")
     vocab = "".join(map(chr, np.flatnonzero(seen).tolist()))
-    return texts, dict(fingerprint=corpus.fingerprint, source=str(corpus.root), files=len(texts), skipped=skipped,
-                       bytes=size, tokens=tokens, vocab=vocab, sha256=corpus.sha256)  # fmt: skip
+    return texts, dict(
+        fingerprint=corpus.fingerprint,
+        source=str(corpus.root),
+        files=len(texts),
+        skipped=skipped,
+        bytes=size,
+        tokens=tokens,
+        vocab=vocab,
+        sha256=corpus.sha256,
+    )
 
 
 def _write(corpus: Corpus, texts: list[SourceFile], meta: dict, entry: Path, bar: tqdm) -> None:

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -96,6 +97,7 @@ def _mix(*values: int) -> int:
     return h >> 1
 
 
+@dataclass(eq=False)  # eq=False: compared and hashed by identity, as Lightning expects of a loader
 class RandomWindows:
     """Endless training batches of random windows; batch ``n`` on rank ``r`` depends only on (seed, r, n).
 
@@ -105,10 +107,13 @@ class RandomWindows:
     accumulation windows of ``accumulate`` batches (Lightning steps early on an epoch's last batch).
     """
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, block_size: int, seed: int, rank: int, accumulate: int = 1,
-                 next_batch: int = 0) -> None:  # fmt: skip
-        self.ids, self.batch_size, self.block_size, self.seed = ids, batch_size, block_size, seed
-        self.rank, self.accumulate, self.next_batch = rank, accumulate, next_batch
+    ids: torch.Tensor
+    batch_size: int
+    block_size: int
+    seed: int
+    rank: int
+    accumulate: int = 1
+    next_batch: int = 0
 
     def __len__(self) -> int:
         return max(1, -(-(len(self.ids) // (self.batch_size * self.block_size)) // self.accumulate)) * self.accumulate
@@ -142,8 +147,9 @@ class FixedWindows:
     of batches ``iter()`` yields, the short last tile's own batch included: Lightning stops after len().
     """
 
-    def __init__(self, ids: torch.Tensor, block_size: int, count: Optional[int], batch_size: int, rank: int,
-                 world_size: int) -> None:  # fmt: skip
+    def __init__(
+        self, ids: torch.Tensor, block_size: int, count: Optional[int], batch_size: int, rank: int, world_size: int
+    ) -> None:
         if count is None:
             starts = torch.arange(0, len(ids) - 1, block_size)
         else:
@@ -206,12 +212,25 @@ class ShakespeareDataModule(LightningDataModule):
             line says which) and draw windows there. Otherwise windows are gathered on the host.
     """
 
-    def __init__(self, path: Optional[str] = None, data_dir: str = "data/tinyshakespeare",
-                 url: str = TINY_SHAKESPEARE_URL, sha256: Optional[str] = corpus.TINY_SHAKESPEARE_SHA256,
-                 glob: Optional[str] = None, separator: str = "\\n", strict: bool = False,
-                 cache_dir: str = "data/cache", max_vocab: int = 65536, block_size: int = 32, batch_size: int = 16,
-                 train_fraction: float = 0.9, val_windows: Optional[int] = 3200, val_batch_size: int = 200,
-                 seed: int = 1337, on_device: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        data_dir: str = "data/tinyshakespeare",
+        url: str = TINY_SHAKESPEARE_URL,
+        sha256: Optional[str] = corpus.TINY_SHAKESPEARE_SHA256,
+        glob: Optional[str] = None,
+        separator: str = "\\n",
+        strict: bool = False,
+        cache_dir: str = "data/cache",
+        max_vocab: int = 65536,
+        block_size: int = 32,
+        batch_size: int = 16,
+        train_fraction: float = 0.9,
+        val_windows: Optional[int] = 3200,
+        val_batch_size: int = 200,
+        seed: int = 1337,
+        on_device: bool = False,
+    ) -> None:
         super().__init__()
         for name in ("block_size", "batch_size", "val_batch_size", "max_vocab", "val_windows"):
             if (value := locals()[name]) is not None and value < 1:
@@ -224,12 +243,12 @@ class ShakespeareDataModule(LightningDataModule):
         self.path = Path(path) if path is not None else self.data_dir / "input.txt"  # shown in messages
         self.sha256 = sha256 if path is None else None  # a file given with path is the user's own: not checked
         self.separator = separator.encode("latin-1", "backslashreplace").decode("unicode_escape")  # \\n → newline
-        self._train, self._device_train, self._windows_read = None, None, 0  # the stream, the ids on the device
+        self._train, self._windows_read = None, 0  # the training stream, windows read since the last release
 
     def __getstate__(self) -> dict:
         # spawned processes (ddp_spawn) map the cache themselves instead of receiving a copy of the corpus
-        state = {k: v for k, v in vars(self).items() if k not in ("store", "tokenizer")}
-        return {**state, "_train": None, "_device_train": None}
+        state = {k: v for k, v in vars(self).items() if k != "store"}
+        return {**state, "_train": None}
 
     def _corpus(self) -> corpus.Corpus:
         """What to tokenize: the user's file or directory, the default file, the packaged or a downloaded corpus."""
@@ -248,7 +267,7 @@ class ShakespeareDataModule(LightningDataModule):
         """Tokenize the corpus into the cache unless an up-to-date one is there, and check the splits (Lightning
         calls this once per node, on local rank 0; the CLI has usually done it already, to give the model its
         vocabulary). Mapping the cache costs nothing: this process maps it too."""
-        self._load()
+        self._split_ids()
 
     @functools.cached_property
     def store(self) -> corpus.TokenStore:
@@ -261,23 +280,15 @@ class ShakespeareDataModule(LightningDataModule):
             )
         return store
 
-    @functools.cached_property
-    def tokenizer(self) -> CharTokenizer:
-        self._split_ids()  # fail on a too-short split now, before anything is built or written
-        return CharTokenizer(self.store.vocab)
-
-    def _load(self) -> tuple[CharTokenizer, torch.Tensor]:
-        """The tokenizer and the memory-mapped ids."""
-        return self.tokenizer, self.store.ids
-
     @property
     def vocab(self) -> str:
         """Every character of the corpus, sorted: the model's vocabulary (linked to the model)."""
-        return self.tokenizer.vocab
+        self._split_ids()  # fail on a too-short split now, before the model is built or anything written
+        return self.store.vocab
 
     @property
     def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
+        return len(self.vocab)
 
     def _split_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
         train, val = self.store.ids.tensor_split([int(self.train_fraction * len(self.store.ids))])
@@ -299,22 +310,21 @@ class ShakespeareDataModule(LightningDataModule):
         return f"{self.val_windows:,} fixed windows of {self.block_size} characters of the validation split of {source}"
 
     def setup(self, stage: str) -> None:
-        self._load()  # maps the cache on every rank
-        self.val_dataloader()  # too few validation windows for the world size: the error comes now, not mid-run
+        # maps the cache on every rank; too few validation windows for the world size: the error comes now, not mid-run
+        self.val_dataloader()
 
     def _on(self, train: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """``train`` on ``device`` if it fits there (copied once, the map's pages let go after), else ``train``."""
-        if self._device_train is None or self._device_train.device != device:
-            size = train.numel() * train.element_size()
-            if device.type == "cuda" and size > (free := torch.cuda.mem_get_info(device)[0]) // 2:
-                _say(
-                    f"data: the training ids ({size / 1e9:.2f} GB) do not fit in half of {device}'s free memory "
-                    f"({free / 1e9:.2f} GB): windows are gathered on the host"
-                )
-                return train
-            self._device_train = train.to(device)  # the map's pages it read are let go with the next release
-            _say(f"data: the training ids ({size / 1e6:,.1f} MB) are on {device}; windows are drawn there")
-        return self._device_train
+        """``train`` copied to ``device`` if it fits there (the map's pages it read are let go with the next
+        release), else ``train``. Lightning asks for the training loader once a fit: one copy."""
+        size = train.numel() * train.element_size()
+        if device.type == "cuda" and size > (free := torch.cuda.mem_get_info(device)[0]) // 2:
+            _say(
+                f"data: the training ids ({size / 1e9:.2f} GB) do not fit in half of {device}'s free memory "
+                f"({free / 1e9:.2f} GB): windows are gathered on the host"
+            )
+            return train
+        _say(f"data: the training ids ({size / 1e6:,.1f} MB) are on {device}; windows are drawn there")
+        return train.to(device)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Every RELEASE_EVERY_WINDOWS windows drawn from the memory map, let its pages go: the map's resident

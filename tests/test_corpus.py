@@ -64,7 +64,7 @@ def reference(text: str) -> tuple[str, torch.Tensor]:
 def test_store_ids_equal_the_lectures_encoding_of_tiny_shakespeare(tmp_path: Path) -> None:
     """The packaged corpus through the store: the ids configs/small.yaml trained on before (uint8, sorted)."""
     dm = ShakespeareDataModule(data_dir=str(tmp_path / "d"), cache_dir=str(tmp_path / "cache"))
-    tokenizer, ids = dm._load()
+    tokenizer, ids = CharTokenizer(dm.vocab), dm.store.ids
     vocab, expected = reference(tiny_shakespeare_text())
     assert tokenizer.vocab == vocab and len(vocab) == 65
     assert ids.dtype == torch.uint8 and torch.equal(ids, expected) and len(ids) == 1_115_394
@@ -111,7 +111,7 @@ def test_vocabularies_over_256_and_65536_through_the_data_module(tmp_path: Path)
         path = tmp_path / f"{dtype}.txt"
         path.write_text(text * 2, encoding="utf-8")
         dm = ShakespeareDataModule(path=str(path), cache_dir=str(tmp_path / "cache"), max_vocab=limit, block_size=8)
-        tokenizer, ids = dm._load()
+        tokenizer, ids = CharTokenizer(dm.vocab), dm.store.ids
         assert ids.dtype == dtype and torch.equal(ids, reference(text * 2)[1])
         x, y = next(iter(dm.train_dataloader()))
         assert x.dtype == torch.int64 and int(x.max()) < tokenizer.vocab_size
@@ -152,7 +152,7 @@ def test_directory_is_its_files_sorted_and_joined(glob: str | None, names: list[
     )
     assert dm.separator == "\n~\n"  # a separator typed on a command line: escapes understood
     text = "\n~\n".join(TREE[name] for name in names)
-    tokenizer, ids = dm._load()
+    tokenizer, ids = CharTokenizer(dm.vocab), dm.store.ids
     assert tokenizer.decode(ids) == text and torch.equal(ids, reference(text)[1])
     assert dm.store.meta["files"] == len(names)
 
@@ -171,7 +171,7 @@ def test_changed_added_removed_files_invalidate_the_cache(tmp_path: Path, capsys
 
     def load() -> tuple[int, str]:
         dm = ShakespeareDataModule(path=str(root), cache_dir=str(cache), block_size=2)
-        tokenizer, ids = dm._load()
+        tokenizer, ids = CharTokenizer(dm.vocab), dm.store.ids
         return dm.store.inode, tokenizer.decode(ids)
 
     inode, text = load()
@@ -242,7 +242,7 @@ def test_non_utf8_files_are_skipped_and_strict_makes_them_an_error(
         },
     )
     dm = ShakespeareDataModule(path=str(root), cache_dir=str(cache), block_size=4)
-    tokenizer, ids = dm._load()
+    tokenizer, ids = CharTokenizer(dm.vocab), dm.store.ids
     text = "\n".join(["alpha\n", "gamma\n", good])
     assert tokenizer.decode(ids) == text and tokenizer.vocab == reference(text)[0]  # no "ő", "\0"
     out = capsys.readouterr().out.strip().splitlines()
@@ -301,9 +301,9 @@ def test_the_cache_inside_the_corpus_directory_is_not_read_as_corpus(
 ) -> None:
     (workdir / "notes.txt").write_text(make_text(3000))
     first = ShakespeareDataModule(path=".", block_size=8)  # cache: ./data/cache, under the corpus
-    text = first.tokenizer.decode(first._load()[1])
+    text = CharTokenizer(first.vocab).decode(first.store.ids)
     again = ShakespeareDataModule(path=".", block_size=8)
-    assert again.store.inode == first.store.inode and again.tokenizer.decode(again._load()[1]) == text
+    assert again.store.inode == first.store.inode and CharTokenizer(again.vocab).decode(again.store.ids) == text
     assert capsys.readouterr().out.count("tokenized") == 1
 
 

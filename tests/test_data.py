@@ -50,15 +50,15 @@ def test_real_corpus_is_65_characters_in_one_byte_each(real_corpus: Path) -> Non
 
 def test_split_is_90_10_and_windows_are_real_slices(corpus: Path) -> None:
     dm = ShakespeareDataModule(path=str(corpus), block_size=16, batch_size=8)
-    ids = dm._load()[1]
+    ids = dm.store.ids
     train, val = dm._split_ids()
     assert len(train) == int(0.9 * len(ids)) and torch.equal(torch.cat([train, val]), ids)
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == y.shape == (8, 16) and x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
-    text = corpus.read_text()
+    text, tokenizer = corpus.read_text(), CharTokenizer(dm.vocab)
     for row_x, row_y in zip(x, y):
-        window = dm.tokenizer.decode(row_x) + dm.tokenizer.decode(row_y[-1:])
+        window = tokenizer.decode(row_x) + tokenizer.decode(row_y[-1:])
         assert window in text[: len(train) + 1]
 
 
