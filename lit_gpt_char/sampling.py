@@ -152,22 +152,21 @@ def sample(
         ckpt_path = str(found)
     model, tokenizer = load_checkpoint(ckpt_path, device)
     ids = tokenizer.encode(prompt) if prompt else torch.zeros(1, dtype=torch.long)
+    rows = ids.to(device)[None].repeat(num_samples, 1)  # each sample's prompt and, as they come, its new characters
     generator = torch.Generator(device=device).manual_seed(seed)
-    tokens = model.stream(
-        ids.to(device)[None].repeat(num_samples, 1), max_new_tokens, temperature=temperature, top_k=top_k,
-        generator=generator, use_cache=use_cache, refill=refill,
-    )  # fmt: skip
+    options = dict(temperature=temperature, top_k=top_k, generator=generator, use_cache=use_cache, refill=refill)
+    tokens = model.stream(rows, max_new_tokens, **options)
     try:  # the generator checks its options when it starts: before anything is written
         first = next(tokens, None)
     except LitGPTCharError as err:
         raise LitGPTCharError(f"--{err}") from None  # its messages begin with the option's name
-    start, out, new = tokenizer.decode(ids), sys.stdout, []
-    out.write(("===== sample 1 =====\n" if num_samples > 1 else "") + start)
+    out = sys.stdout
+    out.write(("===== sample 1 =====\n" if num_samples > 1 else "") + tokenizer.decode(ids))
     for token in itertools.chain([first] if first is not None else [], tokens):
-        new.append(token)
+        rows = torch.cat((rows, token[:, None]), dim=1)
         out.write(tokenizer.decode([int(token[0])]))
         out.flush()
-    texts = [start + tokenizer.decode(row) for row in torch.stack(new, 1)] if new else [start] * num_samples
+    texts = [tokenizer.decode(row) for row in rows]
     out.write("\n" + "".join(f"===== sample {i} =====\n{text}\n" for i, text in enumerate(texts[1:], start=2)))
     out.flush()
     return texts
