@@ -156,9 +156,8 @@ def start(run: Run, log_root: Optional[Path]) -> tuple[Run, Callable[[bool], Non
     os.environ[RUN_ENV] = run.name  # Lightning's DDP processes re-run this command
 
     def end(undo: bool) -> None:
-        (run.checkpoint_dir / ".lock").unlink(
-            missing_ok=True
-        )  # while still held, so no other process locks the file that goes
+        # while still held, so no other process locks the file that goes
+        (run.checkpoint_dir / ".lock").unlink(missing_ok=True)
         lock.release()
         os.environ.pop(RUN_ENV, None)
         for folder in created if undo else ():
