@@ -99,10 +99,9 @@ def this_run(subcommand: str, ckpt_path: Optional[str], run_name: Optional[str])
             "give the job a --run_name"
         )
     if subcommand != "fit" and run.resume_from is None:
-        which = f"run {run_name}" if run_name else "no run in checkpoints/"
         raise LitGPTCharError(
-            f"{subcommand} evaluates a checkpoint: pass --ckpt_path last or best (the newest run's), or a checkpoint "
-            f"file" + (f"; --ckpt_path {ckpt_path}: {which} has one" if ckpt_path else "")
+            f"{subcommand} evaluates a checkpoint: pass --ckpt_path last or best (the newest run's, or --run_name's), "
+            f"or a checkpoint file" + (f"; --ckpt_path {ckpt_path} finds none" if ckpt_path else "")
         )
     return run
 
