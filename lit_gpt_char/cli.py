@@ -60,10 +60,7 @@ CKPT_PATH_HELP = {
     "run yet, start one), best, or a file. A file in checkpoints/RUN/ continues run RUN.",
     "validate": "The checkpoint to evaluate: last or best (of the newest run, or of --run_name), or a file.",
 }
-PRECISION_HELP = (
-    "Lightning's (32-true, bf16-mixed, 16-mixed: fp16 with loss scaling, ...; null: 32-true), or auto: bf16-mixed on "
-    "a GPU that computes bf16 natively, 16-mixed on an older one (T4, V100), 32-true on a CPU or Apple MPS"
-)
+PRECISION_HELP = "Lightning's, or auto: bf16-mixed on a GPU with native bf16, 16-mixed on older GPUs, else 32-true"
 # the run decides the folder of both checkpoint callbacks (Lightning's ModelCheckpoint): no dirpath to disagree with it
 CHECKPOINT_GROUPS = {  # their titles in fit --help (README.md's table says what each writes), and the defaults
     "checkpoint": ("best checkpoint", {"filename": "best", "monitor": "val/loss", "mode": "min", "save_last": False}),
