@@ -128,9 +128,7 @@ def sized_for_a_gpu(trainer: Trainer, model: LitGPT, batch_size: int) -> Optiona
         start = time.perf_counter()
         gpt(torch.zeros(2, gpt.config.block_size, dtype=torch.long))  # two windows, in the run's precision
     seconds = 3 * (time.perf_counter() - start) * windows / 2  # the backward pass costs about twice the forward
-    steps = trainer.max_steps
-    total = f" ({steps} steps: ~{steps * seconds / 3600:.1f} h)" if steps and steps > 0 else ""
-    note = f"note: this run is sized for a GPU: on this CPU one step takes ~{seconds:.0f} s{total}; configs/small.yaml"
+    note = f"note: this run is sized for a GPU: on this CPU one step takes ~{seconds:.0f} s; configs/small.yaml"
     return f"{note} is the CPU config" if seconds >= 1 else None
 
 

@@ -60,22 +60,12 @@ CKPT_PATH_HELP = {
     "run yet, start one), best, or a file. A file in checkpoints/RUN/ continues run RUN.",
     "validate": "The checkpoint to evaluate: last or best (of the newest run, or of --run_name), or a file.",
 }
-PRECISION_HELP = (
-    "Lightning's (32-true, bf16-mixed, 16-mixed: fp16 with loss scaling, ...; null: 32-true), or auto: bf16-mixed on "
-    "a GPU that computes bf16 natively, 16-mixed on an older one (T4, V100), 32-true on a CPU or Apple MPS"
-)
+PRECISION_HELP = "Lightning's, or auto: bf16-mixed on a GPU with native bf16, 16-mixed on older GPUs, else 32-true"
 # the run decides the folder of both checkpoint callbacks (Lightning's ModelCheckpoint): no dirpath to disagree with it
-CHECKPOINT_GROUPS = {  # title and description in fit --help, and the defaults
-    "checkpoint": (
-        "best checkpoint",
-        "best.ckpt (lowest val/loss), written at each evaluation that improves on it, in the run's folder "
-        "checkpoints/RUN/.",
-        {"filename": "best", "monitor": "val/loss", "mode": "min", "save_last": False},
-    ),
+CHECKPOINT_GROUPS = {  # their titles in fit --help (README.md's table says what each writes), and the defaults
+    "checkpoint": ("best checkpoint", {"filename": "best", "monitor": "val/loss", "mode": "min", "save_last": False}),
     "periodic_checkpoint": (
         "periodic and last checkpoints",
-        "step-N.ckpt every every_n_train_steps optimizer steps, all kept (save_top_k -1; 0 turns them off), in the "
-        "same folder; last.ckpt, the newest state, with each, after every evaluation and at the end of fit.",
         {"filename": "step-{step}", "every_n_train_steps": 1000, "save_top_k": -1, "save_last": True},
     ),
 }
@@ -113,7 +103,6 @@ class LitGPTCLI(LightningCLI):
         for choice in internals.subcommand_choices(parser):
             choice.help = SUBCOMMAND_HELP[choice.dest]
         for name, subparser in internals.subcommand_parsers(self).items():
-            subparser.description = SUBCOMMAND_HELP[name]
             _set_help(subparser, "ckpt_path", CKPT_PATH_HELP.get(name, CKPT_PATH_HELP["validate"]))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -136,10 +125,10 @@ class LitGPTCLI(LightningCLI):
         internals.keep_help_as_written(
             _set_help(parser, "sampling.prompt", "Text the samples continue (type: str, default: '\\n', a newline)")
         )
-        for key, (title, description, defaults) in CHECKPOINT_GROUPS.items():
+        for key, (title, defaults) in CHECKPOINT_GROUPS.items():
             parser.add_class_arguments(Checkpoint, key, fail_untyped=False, sub_configs=True, skip={"dirpath"})
             parser.callback_keys.append(key)
-            parser.groups[key].title, parser.groups[key].description = title, description
+            parser.groups[key].title = title
             defaults = {**defaults, "enable_version_counter": False, "auto_insert_metric_name": False}  # not step=N
             parser.set_defaults({f"{key}.{k}": v for k, v in defaults.items()})
 
@@ -148,9 +137,6 @@ class LitGPTCLI(LightningCLI):
         checks them against each other first (checks.follow_checkpoint)."""
 
     def before_instantiate_classes(self) -> None:
-        # the progress bar redraws every 10 steps: redrawing every step costs a small CPU step measurably.
-        # Lightning's TQDMProgressBar reads this variable; set it to 1 for every step
-        os.environ.setdefault("TQDM_MINITERS", "10")
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.precision == "auto":
             self._precision, why = _auto_precision(config.trainer.accelerator)

@@ -99,10 +99,9 @@ def this_run(subcommand: str, ckpt_path: Optional[str], run_name: Optional[str])
             "give the job a --run_name"
         )
     if subcommand != "fit" and run.resume_from is None:
-        which = f"run {run_name}" if run_name else "no run in checkpoints/"
         raise LitGPTCharError(
-            f"{subcommand} evaluates a checkpoint: pass --ckpt_path last or best (the newest run's), or a checkpoint "
-            f"file" + (f"; --ckpt_path {ckpt_path}: {which} has one" if ckpt_path else "")
+            f"{subcommand} evaluates a checkpoint: pass --ckpt_path last or best (the newest run's, or --run_name's), "
+            f"or a checkpoint file" + (f"; --ckpt_path {ckpt_path} finds none" if ckpt_path else "")
         )
     return run
 
@@ -156,9 +155,8 @@ def start(run: Run, log_root: Optional[Path]) -> tuple[Run, Callable[[bool], Non
     os.environ[RUN_ENV] = run.name  # Lightning's DDP processes re-run this command
 
     def end(undo: bool) -> None:
-        (run.checkpoint_dir / ".lock").unlink(
-            missing_ok=True
-        )  # while still held, so no other process locks the file that goes
+        # while still held, so no other process locks the file that goes
+        (run.checkpoint_dir / ".lock").unlink(missing_ok=True)
         lock.release()
         os.environ.pop(RUN_ENV, None)
         for folder in created if undo else ():
