@@ -239,11 +239,11 @@ class LitGPTCLI(LightningCLI):
             return
         steps = f"steps {self._step} to {step}" if self._step else f"{step} steps"
         line = f"run {self._run.name} done: {steps} in {timedelta(seconds=round(time.monotonic() - self._fit_start))}"
-        best = next(c for c in trainer.callbacks if isinstance(c, Checkpoint) and c.monitor == "val/loss")
+        best = next((c for c in trainer.callbacks if isinstance(c, Checkpoint) and c.monitor == "val/loss"), None)
         val = trainer.callback_metrics.get("val/loss")
-        if best.evaluated_step is not None and val is not None:
+        if best is not None and best.evaluated_step is not None and val is not None:
             line += f"; val/loss {float(val):.4f} at step {best.evaluated_step}"
-        if best.best_model_score is not None:  # None: this run has not evaluated yet
+        if best is not None and best.best_model_score is not None:  # None: this run has not evaluated yet
             at = torch.load(best.best_model_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
             line += f" (best {float(best.best_model_score):.4f} at step {at}); {shown(best.best_model_path)}"
         last = self._run.checkpoint_dir / "last.ckpt"

@@ -359,7 +359,12 @@ def open_store(corpus: Corpus, cache_dir: Path, say: Callable[[str], None] = SAY
                 if damaged:
                     say(f"corpus cache {entry} {damaged}: rebuilding it")
                 changed = (entry / META).exists() and not damaged
-                _write(corpus, texts, meta, entry, bar)
+                try:
+                    _write(corpus, texts, meta, entry, bar)
+                except BaseException:  # a full disk, a changed corpus, Ctrl-C: no partial ids file (GBs) stays
+                    for path in entry.glob(f"*{TMP}*"):
+                        path.unlink(missing_ok=True)
+                    raise
         except OSError as err:  # not writable, full, or without file locks (NFS without its lock service)
             raise LitGPTCharError(
                 f"cannot use the corpus cache {entry}: {err.strerror or err}; "

@@ -242,7 +242,10 @@ class ShakespeareDataModule(LightningDataModule):
         self.given_path, self.data_dir, self.cache_dir = path, Path(data_dir), Path(cache_dir)
         self.path = Path(path) if path is not None else self.data_dir / "input.txt"  # shown in messages
         self.sha256 = sha256 if path is None else None  # a file given with path is the user's own: not checked
-        self.separator = separator.encode("latin-1", "backslashreplace").decode("unicode_escape")  # \\n → newline
+        try:  # as typed on a command line: \\n is a newline
+            self.separator = separator.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        except UnicodeDecodeError as err:
+            raise LitGPTCharError(f"--data.separator {separator!r}: {err.reason} (escapes as in Python)") from None
         self._train, self._windows_read = None, 0  # the training stream, windows read since the last release
 
     def __getstate__(self) -> dict:

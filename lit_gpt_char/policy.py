@@ -113,6 +113,8 @@ class RunPolicy(Callback):
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("rng_states", [])
+        if isinstance(states, dict):  # written before the states were kept per rank: rank 0's
+            states = [states]
         if trainer.global_rank < len(states):
             torch.set_rng_state(states[trainer.global_rank]["torch"])
             if "cuda" in states[trainer.global_rank] and torch.cuda.is_available():  # before the model moves

@@ -34,16 +34,23 @@ class InterruptCheckpoint(Callback):
 
     _signal: Optional[int] = None  # the first signal received while training
     _stopping = False  # Lightning's stop is asked for
+    _previous: dict = {}  # the handlers this callback replaced, put back when training ends
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._signal, self._stopping = None, False
         if trainer.received_sigterm:  # Lightning's handler got a SIGTERM in the sanity check: act on it at a step's end
             set_sigterm(trainer, False)
             self._signal = signal.SIGTERM
-        # Python runs signal handlers in the main thread only; the Trainer's teardown puts back the handlers it found
-        if threading.current_thread() is threading.main_thread():
-            for signum in _SIGNAL_NAMES:
-                signal.signal(signum, self._receive)
+        if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
+            self._previous = {signum: signal.signal(signum, self._receive) for signum in _SIGNAL_NAMES}
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_handlers()  # the same Ctrl-C as before fit, also during the final sample and save
 
     def _receive(self, signum: int, frame: object) -> None:
         if signum == signal.SIGINT and self._signal == signal.SIGINT:
@@ -67,6 +74,7 @@ class InterruptCheckpoint(Callback):
             set_sigterm(trainer, True)  # Lightning raises SIGTERMException at the end of this batch
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
         if (
             isinstance(exception, KeyboardInterrupt)
             and trainer.state.fn == TrainerFn.FITTING

@@ -310,3 +310,51 @@ def test_resume_with_another_block_size_says_so(
     args = ["fit", *TINY, "--data.path", str(corpus), "--data.block_size", "8", "--ckpt_path", str(tiny_checkpoint)]
     assert run_main(args) == 2
     assert "pass --data.block_size 16" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_mount(), reason="needs root (unshare -m, mount -t tmpfs) for a real full filesystem")
+def test_a_full_disk_while_tokenizing_leaves_no_partial_cache(tmp_path: Path) -> None:
+    # the cache on a 64 KiB tmpfs, a 300 KB corpus: its ids (1 byte each) do not fit
+    (tmp_path / "corpus.txt").write_text(make_text(300_000), encoding="utf-8")
+    (tmp_path / "cache").mkdir()
+    script = (
+        f'mount -t tmpfs -o size=64k tmpfs cache && {{ {sys.executable} -m lit_gpt_char fit "$@"; '
+        "rc=$?; find cache -type f > left.txt; exit $rc; }"
+    )
+    args = [*TINY, "--data.path", "corpus.txt", "--data.cache_dir", "cache"]
+    result = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", *args],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot use the corpus cache"), result.stderr
+    left = (tmp_path / "left.txt").read_text().split()
+    assert not [name for name in left if ".tmp" in name], left  # no partial ids file fills the cache's disk
+
+
+def test_a_bad_separator_is_one_line(corpus: Path, workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_main(["fit", *TINY, "--data.path", str(corpus), "--data.separator", "\\x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --data.separator '\\\\x'"), err
+
+
+def test_a_run_monitoring_another_metric_ends_with_its_result_line(
+    corpus: Path, workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = ["fit", *TINY, "--data.path", str(corpus), "--checkpoint.monitor", "val/bpc"]
+    assert run_main(args) == 0
+    assert "run version_0 done: 20 steps in " in capsys.readouterr().out
+
+
+def test_a_checkpoint_with_the_older_single_rng_state_resumes(
+    corpus: Path, workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # checkpoints written before the states were kept per rank hold one dict, not a list
+    assert run_main(["fit", *TINY, "--data.path", str(corpus), "--trainer.max_steps", "10"]) == 0
+    path = workdir / "checkpoints" / "version_0" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["rng_states"] = checkpoint["rng_states"][0]
+    torch.save(checkpoint, path)
+    assert run_main(["fit", *TINY, "--data.path", str(corpus), "--ckpt_path", "last"]) == 0
+    assert "steps 10 to 20" in capsys.readouterr().out
