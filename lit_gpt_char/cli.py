@@ -133,8 +133,8 @@ class LitGPTCLI(LightningCLI):
             parser.set_defaults({f"{key}.{k}": v for k, v in defaults.items()})
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning's puts the checkpoint's hyperparameters over the options given; before_instantiate_classes
-        checks them against each other first (checks.follow_checkpoint)."""
+        """Off: Lightning's would load the checkpoint again and put its hyperparameters over the options given;
+        before_instantiate_classes reads it once and checks the two against each other (checks.follow_checkpoint)."""
 
     def before_instantiate_classes(self) -> None:
         # the progress bar redraws every 10 steps: redrawing every step costs a small CPU step ~5% (RESULTS.md).
