@@ -126,6 +126,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
 
 
+def step_of(path: str | Path) -> int:
+    """The optimizer step a checkpoint file was written at (memory-mapped: its weights are not read)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+
+
 def _not_saved(path: Path, step: Optional[int], cause: OSError) -> str:
     """What a failed save cost (the steps since the newest checkpoint, which is intact) and what to do."""
     message = f"could not save {shown(path)} at step {step}: {cause.strerror or cause}. "
@@ -135,7 +140,7 @@ def _not_saved(path: Path, step: Optional[int], cause: OSError) -> str:
     newest = max(saved, key=lambda p: p.stat().st_mtime)
     since = shown(newest)
     with contextlib.suppress(Exception):  # its step, if it reads
-        since += f" (step {torch.load(newest, map_location='cpu', weights_only=True, mmap=True)['global_step']})"
+        since += f" (step {step_of(newest)})"
     return message + (
         f"The checkpoints saved before are intact; the steps since {since} are lost: free space, then resume by "
         f"running the same command with --ckpt_path {shown(newest)}"

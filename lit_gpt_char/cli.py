@@ -30,7 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_gpt_char import internals
-from lit_gpt_char.checkpoints import Checkpoint, read_checkpoint
+from lit_gpt_char.checkpoints import Checkpoint, read_checkpoint, step_of
 from lit_gpt_char.checks import HeldOutput, check_built, check_trainer, follow_checkpoint, name_options, sized_for_a_gpu
 from lit_gpt_char.data import ShakespeareDataModule
 from lit_gpt_char.distributed import is_child, job_store, publish
@@ -244,7 +244,7 @@ class LitGPTCLI(LightningCLI):
         if best is not None and best.evaluated_step is not None and val is not None:
             line += f"; val/loss {float(val):.4f} at step {best.evaluated_step}"
         if best is not None and best.best_model_score is not None:  # None: this run has not evaluated yet
-            at = torch.load(best.best_model_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+            at = step_of(best.best_model_path)
             line += f" (best {float(best.best_model_score):.4f} at step {at}); {shown(best.best_model_path)}"
         last = self._run.checkpoint_dir / "last.ckpt"
         print(line + (f", {shown(last)}" if last.is_file() else ""), flush=True)
