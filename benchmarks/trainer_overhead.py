@@ -1,27 +1,37 @@
 """What the Lightning Trainer costs per step over a plain PyTorch loop, measured side by side in one run.
 
-    python benchmarks/trainer_overhead.py [--config configs/small.yaml] [--steps 800] [--repeats 7] [-- OVERRIDES]
+    python benchmarks/trainer_overhead.py [--config configs/small.yaml] [--steps 800] [--repeats 5]
+                                          [--devices 1 2] [-- OVERRIDES]
 
-Both paths are built by the project's CLI from the same config (and any `--key value` overrides after
-`--`), so they train the same GPT from the same initial weights, on the same random-window stream
-(on the device when `data.on_device`), with the same AdamW param groups, schedule, precision and
-gradient clipping. The plain loop is the minimal loop a person would write around those objects:
-next batch, (autocast) forward, zero_grad, backward, clip, step, schedule. The Trainer path is what
-`lightning fit --config CONFIG` runs: LitGPT with its divergence check and train-loss aggregation,
-TensorBoard logging every `log_every_n_steps`, the progress bar, the checkpoint, interrupt and
-sampling callbacks, the atomic checkpoint plugin. Evaluation is off (`limit_val_batches 0`) so both
-time the same work. Steps are timed after a warm-up (CUDA synchronised at both ends); the paths
-alternate `--repeats` times; the best run of each is compared (a shared machine only ever adds
-time), and the median ratio of back-to-back pairs is shown beside it.
+Each run is a fresh process. The Trainer path is the real command, `python -m lit_gpt_char fit --config CONFIG`
+(with `--trainer.strategy ddp --trainer.devices N --trainer.accelerator cpu` for N > 1: Lightning starts the other
+processes), plus a callback that times the steps. It runs everything the command runs: LitGPT with its divergence
+check and train-loss aggregation, TensorBoard logging every `log_every_n_steps`, the progress bar (to a pipe), the
+checkpoint, interrupt, sampling and throughput callbacks, the atomic checkpoint plugin. Evaluation is off
+(`limit_val_batches 0`) so both paths time the same work.
+
+The plain loop is the minimal loop a person would write around the same objects, built by the project's CLI from
+the same config (and any `--key value` overrides after `--`): the same GPT from the same initial weights, the same
+random-window stream, AdamW param groups, schedule, precision and gradient clipping. Next batch, (autocast)
+forward, zero_grad, backward, clip, step, schedule; for N > 1 its processes are started by torchrun and the model is
+wrapped in DistributedDataParallel (gloo on a CPU), as Lightning's DDP does.
+
+Steps are timed after a warm-up (CUDA synchronised at both ends); the two paths alternate `--repeats` times; the
+best run of each is compared (a shared machine only ever adds time), and the median ratio of back-to-back pairs is
+shown beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import platform
-import resource
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +39,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from lit_gpt_char.cli import LitGPTCLI, build_cli
-
+ROOT = Path(__file__).resolve().parent.parent
 WARMUP = 50
 
 
@@ -40,34 +49,75 @@ def _sync(device: torch.device) -> None:
 
 
 class StepTimer(Callback):
-    """Wall time of the steps after the warm-up, from the start of step WARMUP to the end of the last."""
+    """Writes to ``out`` (rank 0) the wall time per step of the steps after the warm-up, from the start of step
+    WARMUP to the end of the last."""
 
-    def __init__(self) -> None:
-        self.start = self.end = 0.0
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.start = 0.0
 
     def on_train_batch_start(self, trainer: Trainer, *args: object) -> None:
-        if trainer.global_step == WARMUP:
+        if trainer.global_step == WARMUP and not self.start:
             _sync(trainer.strategy.root_device)
             self.start = time.perf_counter()
 
     def on_train_end(self, trainer: Trainer, *args: object) -> None:
         _sync(trainer.strategy.root_device)
-        self.end = time.perf_counter()
+        seconds = (time.perf_counter() - self.start) / (trainer.global_step - WARMUP)
+        if trainer.is_global_zero:
+            Path(self.out).write_text(json.dumps(seconds))
 
 
-def build(config: str, steps: int, workdir: Path, overrides: list[str]) -> LitGPTCLI:
-    """The objects `lightning fit --config CONFIG` would build, with evaluation and output kept out of the way."""
-    args = [
-        "--config", config, *overrides, "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
-        "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(workdir),
-        "--trainer.logger.init_args.save_dir", str(workdir),
+def _options(config: str, steps: int, devices: int, overrides: list[str]) -> list[str]:
+    """The command line both paths build their objects from."""
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", str(devices), "--trainer.accelerator", "cpu"]
+    return [
+        "--config", config, *overrides, *(ddp if devices > 1 else []), "--trainer.max_steps", str(steps),
+        "--trainer.limit_val_batches", "0", "--trainer.enable_model_summary", "false",
         "--sampling.final_max_new_tokens", "0",
     ]  # fmt: skip
-    return build_cli(args, run=False)
 
 
-def plain_loop(config: str, steps: int, workdir: Path, overrides: list[str]) -> float:
-    cli = build(config, steps, workdir, overrides)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(command: list[str], work: Path, out: Path) -> float:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def trainer_run(config: str, steps: int, devices: int, overrides: list[str], work: Path) -> float:
+    """Seconds per step of `python -m lit_gpt_char fit`, in a fresh process (and its DDP processes)."""
+    work.mkdir(parents=True)
+    out = work / "seconds_per_step.json"
+    timer = ["--trainer.callbacks+=trainer_overhead.StepTimer", "--trainer.callbacks.out", str(out)]
+    command = [sys.executable, "-m", "lit_gpt_char", "fit", *_options(config, steps, devices, overrides), *timer]
+    return _run(command, work, out)
+
+
+def plain_run(config: str, steps: int, devices: int, overrides: list[str], work: Path) -> float:
+    """Seconds per step of the plain loop, in a fresh process (under torchrun for devices > 1)."""
+    work.mkdir(parents=True)
+    out = work / "seconds_per_step.json"
+    worker = [__file__, "--worker", str(out), "--config", config, "--steps", str(steps), "--", *overrides]
+    if devices > 1:
+        launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(devices), "--master-port", str(_free_port())]
+        worker = [*launcher, *worker, "--trainer.strategy", "ddp", "--trainer.devices", str(devices)]
+        worker += ["--trainer.accelerator", "cpu"]
+    return _run([sys.executable, *worker], work, out)
+
+
+def plain_loop(options: list[str], steps: int, out: str) -> None:
+    """The plain loop, in this process: one rank of a torchrun job when it runs under one."""
+    from lit_gpt_char.cli import build_cli
+
+    cli = build_cli(options, run=False)
     trainer, lit, dm = cli.trainer, cli.model, cli.datamodule
     device = trainer.strategy.root_device
     model = lit.to(device).model
@@ -76,6 +126,11 @@ def plain_loop(config: str, steps: int, workdir: Path, overrides: list[str]) -> 
     configured = lit.configure_optimizers()
     optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
     scheduler = configured["lr_scheduler"]["scheduler"] if isinstance(configured, dict) else None
+    forward = model
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's processes: one thread each, as Lightning's DDP sets
+        torch.distributed.init_process_group("gloo")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // torch.distributed.get_world_size()))
+        forward = torch.nn.parallel.DistributedDataParallel(model)
     precision = str(trainer.precision)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16)
@@ -90,7 +145,7 @@ def plain_loop(config: str, steps: int, workdir: Path, overrides: list[str]) -> 
             start = time.perf_counter()
         x, y = (t.to(device, non_blocking=True) for t in next(batches))
         with autocast:
-            _, loss = model(x, y)
+            _, loss = forward(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip:
@@ -99,23 +154,21 @@ def plain_loop(config: str, steps: int, workdir: Path, overrides: list[str]) -> 
         if scheduler is not None:
             scheduler.step()
     _sync(device)
-    return (time.perf_counter() - start) / (steps - WARMUP)
+    seconds = (time.perf_counter() - start) / (steps - WARMUP)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(out).write_text(json.dumps(seconds))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
-def trainer_loop(config: str, steps: int, workdir: Path, overrides: list[str]) -> float:
-    cli = build(config, steps, workdir, overrides)
-    timer = StepTimer()
-    cli.trainer.callbacks.insert(0, timer)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return (timer.end - timer.start) / (steps - WARMUP)
-
-
-def measure(config: str, steps: int, repeats: int, overrides: list[str]) -> dict[str, object]:
+def measure(config: str, steps: int, repeats: int, overrides: list[str], devices: int = 1) -> dict[str, object]:
+    """Both paths, alternating, ``repeats`` times each."""
+    config = str(Path(config).resolve())
     plain, lightning = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats):
-            plain.append(plain_loop(config, steps, Path(tmp) / f"p{i}", overrides))
-            lightning.append(trainer_loop(config, steps, Path(tmp) / f"t{i}", overrides))
+            plain.append(plain_run(config, steps, devices, overrides, Path(tmp) / f"plain{i}"))
+            lightning.append(trainer_run(config, steps, devices, overrides, Path(tmp) / f"trainer{i}"))
     return {
         "plain": plain,
         "trainer": lightning,
@@ -125,28 +178,35 @@ def measure(config: str, steps: int, repeats: int, overrides: list[str]) -> dict
 
 
 def main() -> None:
+    argv = sys.argv[1:]
+    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/small.yaml")
     parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("overrides", nargs="*", help="CLI overrides after --, e.g. -- --data.batch_size 32")
-    args = parser.parse_args()
-    result = measure(args.config, args.steps, args.repeats, args.overrides)
-    plain, lightning = result["plain"], result["trainer"]
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--devices", type=int, nargs="+", default=[1], help="one table each: 1, or N DDP processes")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # the plain loop's own process: write its result here
+    args = parser.parse_args(argv)
+    if args.worker:
+        return plain_loop(_options(args.config, args.steps, 1, []) + overrides, args.steps, args.worker)
+
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
-    print(f"# {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
-    print(f"# {args.config} {' '.join(args.overrides)}: {args.steps - WARMUP} timed steps per run,")
-    print(f"# {args.repeats} runs of each, alternating. ms/step, plain: {', '.join(f'{v * 1e3:.2f}' for v in plain)}")
-    print(f"#   Trainer: {', '.join(f'{v * 1e3:.2f}' for v in lightning)}")
-    if torch.cuda.is_available():
-        print(f"# peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB", end=", ")
-    print(f"# peak host RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    print("# best-of-runs (as timeit) is the headline: a shared machine only ever adds time\n")
-    print("| loop | ms / step (best) | ratio (best / best) | ratio (median of back-to-back pairs) |")
-    print("|---|---|---|---|")
-    print(f"| plain PyTorch | {min(plain) * 1e3:.2f} | 1.000 | 1.000 |")
-    ratios = f"{result['best_ratio']:.3f} | {result['pair_ratio']:.3f}"
-    print(f"| Lightning Trainer (`lightning fit` settings) | {min(lightning) * 1e3:.2f} | {ratios} |")
+    print(f"# {device}, {os.cpu_count()} CPU cores, torch {torch.__version__}; {args.config} {' '.join(overrides)}")
+    print(f"# {args.steps - WARMUP} timed steps per run, {args.repeats} runs of each path, alternating, each a fresh")
+    print("# process; best-of-runs (as timeit) is the headline: a shared machine only ever adds time")
+    for devices in args.devices:
+        result = measure(args.config, args.steps, args.repeats, overrides, devices)
+        plain, lightning = result["plain"], result["trainer"]
+        what = "1 process" if devices == 1 else f"{devices} processes, DDP (gloo on a CPU)"
+        print(f"\n## {what}. ms/step, plain: {', '.join(f'{v * 1e3:.2f}' for v in plain)}")
+        print(f"##   Trainer: {', '.join(f'{v * 1e3:.2f}' for v in lightning)}\n")
+        print("| loop | ms / step (best) | ratio (best / best) | ratio (median of back-to-back pairs) |")
+        print("|---|---|---|---|")
+        plain_name = "plain PyTorch" if devices == 1 else "plain PyTorch + DistributedDataParallel (torchrun)"
+        print(f"| {plain_name} | {min(plain) * 1e3:.2f} | 1.000 | 1.000 |")
+        ratios = f"{result['best_ratio']:.3f} | {result['pair_ratio']:.3f}"
+        print(f"| `lit-gpt-char fit` (Lightning Trainer) | {min(lightning) * 1e3:.2f} | {ratios} |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ streams). Not a user's choice, so not a CLI callback: LitGPT.configure_callbacks
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -21,11 +22,11 @@ class RunPolicy(Callback):
     """How a run guards itself and stays exact.
 
     - Divergence: a non-finite training loss stops fit with one error naming the optimizer step, and no checkpoint
-      is written after it. On a CPU the check is free and comes before the backward pass, so the weights stay good.
-      On an accelerator a per-step check would stall the host until the step finishes, so the first bad step is kept
-      on the device and checked (one sync) at each log step, before every evaluation and before every checkpoint is
-      written. Under DDP the decision is taken over all ranks, so every rank stops at the same point instead of one
-      waiting forever in a collective.
+      is written after it. In one process on a CPU the check is free and comes before the backward pass, so the
+      weights stay good. Elsewhere a per-step check would cost a sync every step (an accelerator's host waits for the
+      step to finish; DDP's ranks must agree, one all-reduce), so the first bad step is kept on the device and
+      checked (one sync, over all ranks) at each log step, before every evaluation and before every checkpoint is
+      written: fit stops at most ``log_every_n_steps`` steps after the bad one, every rank at the same point.
     - Optimizer steps are the unit. With gradient accumulation over k batches an integer ``val_check_interval`` N
       means every N optimizer steps (Lightning counts batches), so evaluations and their checkpoints fall between
       steps, never inside an accumulation window. Lightning's logging counter is kept at the optimizer step: after a
@@ -37,39 +38,46 @@ class RunPolicy(Callback):
     """
 
     def __init__(self) -> None:
-        self._first_bad: Optional[torch.Tensor] = None  # on an accelerator: the first bad step, or _NO_BAD_STEP
+        self._first_bad: Optional[torch.Tensor] = None  # off the host check: the first bad step, or _NO_BAD_STEP
 
     # ---- divergence ----
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        if self._checks_on_host(trainer, loss):  # free, and before the backward pass: the weights stay good
+            value = loss.item()
+            if not math.isfinite(value):
+                raise self._diverged(trainer, f"is {value}", trainer.global_step)
+            return
         if self._first_bad is None:
             self._first_bad = torch.full((), _NO_BAD_STEP, dtype=torch.long, device=loss.device)
         # the step goes to the kernel as a Python scalar: no copy to the device, no sync
         bad = ~torch.isfinite(loss) & (self._first_bad == _NO_BAD_STEP)
         self._first_bad = torch.where(bad, trainer.global_step, self._first_bad)
-        if self._checks_on_host(loss):  # free on a CPU, and before the backward pass: the weights stay good
-            self.check_finite(trainer, f"is {loss.item()}" if bool(bad) else "is not finite on another rank")
 
     @staticmethod
-    def _checks_on_host(loss: torch.Tensor) -> bool:
-        return loss.device.type == "cpu"
+    def _checks_on_host(trainer: Trainer, loss: torch.Tensor) -> bool:
+        return loss.device.type == "cpu" and trainer.world_size == 1
 
     def first_bad_step(self) -> Optional[int]:
         """The first step with a non-finite loss on this rank, or None (one host sync on an accelerator)."""
         step = None if self._first_bad is None else int(self._first_bad)
         return None if step == _NO_BAD_STEP else step
 
-    def check_finite(self, trainer: Trainer, loss: str = "is not finite") -> None:
+    def check_finite(self, trainer: Trainer) -> None:
         """Raise if a training loss so far was not finite on any rank (call it on every rank alike)."""
         if self._first_bad is None:
             return
         first = int(trainer.strategy.reduce(self._first_bad.clone(), reduce_op="min"))  # over the ranks
         if first != _NO_BAD_STEP:
-            raise LitGPTCharError(
-                f"training diverged: the loss {loss} at step {first}. Checkpoints are kept as they were (last: "
-                f"{last_checkpoint(trainer) or 'none written yet'}); try a lower --model.learning_rate, "
-                f"--model.warmup_steps or --trainer.gradient_clip_val 1.0"
-            )
+            raise self._diverged(trainer, "is not finite", first)
+
+    @staticmethod
+    def _diverged(trainer: Trainer, loss: str, step: int) -> LitGPTCharError:
+        return LitGPTCharError(
+            f"training diverged: the loss {loss} at step {step}. Checkpoints are kept as they were (last: "
+            f"{last_checkpoint(trainer) or 'none written yet'}); try a lower --model.learning_rate, "
+            f"--model.warmup_steps or --trainer.gradient_clip_val 1.0"
+        )
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING:

@@ -59,16 +59,25 @@ class Probe(Callback):
 
 class InjectNaN(Callback):
     """Makes the model produce NaN from optimizer step ``at_step`` on (a stand-in for divergence), on one
-    rank (``rank``) or on all (None)."""
+    rank (``rank``) or on all (None). With ``out_dir``: writes ``out_dir/last_step{r}.json`` when fit fails, the
+    last optimizer step this rank began."""
 
-    def __init__(self, at_step: int, rank: Optional[int] = None) -> None:
+    def __init__(self, at_step: int, rank: Optional[int] = None, out_dir: Optional[str] = None) -> None:
         self.at_step = at_step
         self.rank = rank
+        self.out_dir = out_dir
+        self.last_step = -1
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        self.last_step = trainer.global_step
         if trainer.global_step == self.at_step and self.rank in (None, trainer.global_rank):
             with torch.no_grad():
                 pl_module.model.wte.weight.fill_(float("nan"))
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self.out_dir is not None:
+            Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.out_dir) / f"last_step{trainer.global_rank}.json").write_text(json.dumps(self.last_step))
 
 
 class SendSignal(Callback):

@@ -84,9 +84,27 @@ def test_ddp_divergence_on_one_rank_stops_every_rank(corpus: Path, tmp_path: Pat
     work = tmp_path / "work"
     work.mkdir()
     nan = ["--trainer.callbacks+=tests.probes.InjectNaN", "--trainer.callbacks.at_step", "15"]
-    args = ["fit", *TINY, *DDP, "--data.path", str(corpus), *nan, "--trainer.callbacks.rank", "1"]
+    nan += ["--trainer.callbacks.rank", "1", "--trainer.callbacks.out_dir", str(tmp_path / "probe")]
+    args = ["fit", *TINY, *DDP, "--data.path", str(corpus), *nan]
     result = run_subprocess(args, cwd=work, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "error: training diverged: the loss is nan at step 15" in result.stderr  # rank 1
-    assert "error: training diverged: the loss is not finite on another rank at step 15" in result.stderr
+    assert result.stderr.count("error: training diverged: the loss is not finite at step 15") == 2
+    # no all-reduce every step under DDP: the ranks agree at the next log step (every 5 steps in TINY), so the cost of
+    # the delay is the steps until it: 16 to 19 ran, and the check after step 20's batch stopped both ranks
+    last_steps = [json.loads((tmp_path / "probe" / f"last_step{rank}.json").read_text()) for rank in (0, 1)]
+    assert last_steps == [19, 19]
     assert torch.load(work / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == 10
+
+
+def test_ddp_a_signal_to_one_rank_stops_every_rank_at_the_next_log_step(corpus: Path, tmp_path: Path) -> None:
+    """SIGTERM to rank 1 alone during step 12: the ranks agree on stopping at log steps (every 5 in TINY), not with an
+    all-reduce every step, so the cost of the delay is the steps until the next one: both ranks finish step 15, the
+    run saves it and says how to resume."""
+    work = tmp_path / "work"
+    work.mkdir()
+    stop = ["--trainer.callbacks+=tests.probes.SendSignal", "--trainer.callbacks.at_step", "11"]
+    args = ["fit", *TINY, *DDP, "--data.path", str(corpus), *stop, "--trainer.callbacks.rank", "1"]
+    result = run_subprocess(args, cwd=work, timeout=120)
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert "interrupted by SIGTERM after step 15: saved checkpoints/version_0/last.ckpt" in result.stderr
+    assert torch.load(work / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == 15

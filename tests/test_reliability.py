@@ -181,7 +181,7 @@ def test_divergence_on_an_accelerator_is_caught_without_a_per_step_sync(
     corpus: Path, workdir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the deferred path GPUs take (first bad step kept on the device), exercised on the CPU
-    monkeypatch.setattr(RunPolicy, "_checks_on_host", staticmethod(lambda loss: False))
+    monkeypatch.setattr(RunPolicy, "_checks_on_host", staticmethod(lambda trainer, loss: False))
     args = ["fit", *TINY, "--data.path", str(corpus), "--trainer.callbacks+=tests.probes.InjectNaN"]
     assert run_main([*args, "--trainer.callbacks.at_step", "15"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
