@@ -80,6 +80,7 @@ class LitGPTCLI(LightningCLI):
         self._held = HeldOutput()  # Lightning's lines wait until the input is checked: an error is the only line
         self._run: Optional[Run] = None  # fit's
         self._ckpt: Optional[dict] = None  # the checkpoint to load, read and checked
+        self._step = 0  # the step of the checkpoint resumed or evaluated
         self._precision: Optional[str] = None  # what --trainer.precision auto resolved to
         self._notes: list[str] = []  # lines printed after the run's first line, once the input is checked
         self._end = lambda undo: None  # rank 0 of a fit: lets the run go (runs.start)
@@ -113,7 +114,7 @@ class LitGPTCLI(LightningCLI):
         # the data decides the vocabulary and the context length; the model follows
         parser.link_arguments("data.block_size", "model.config.block_size")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
-        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.vocab", "model.config.vocab_size", compute_fn=len, apply_on="instantiate")
         # "auto" beside Lightning's values (see _auto_precision)
         precision = _set_help(parser, "trainer.precision", PRECISION_HELP)
         internals.widen_type(precision, Optional[Union[Literal["auto"], internals.type_of(precision)]])
@@ -150,6 +151,7 @@ class LitGPTCLI(LightningCLI):
         run = this_run(self.subcommand, config.ckpt_path, config.run_name)
         if run.resume_from is not None:  # a missing, truncated or foreign file is one clear error
             self._ckpt = read_checkpoint(run.resume_from)
+            self._step = int(self._ckpt["global_step"])
             follow_checkpoint(config, self._ckpt, run.resume_from, self._argv, evaluate=self.subcommand != "fit")
         config.ckpt_path = str(run.resume_from) if run.resume_from is not None else None
         if self.subcommand != "fit":  # an evaluation prints its table; it is no run of its own and writes nothing
@@ -183,11 +185,6 @@ class LitGPTCLI(LightningCLI):
         if self._precision is not None:  # what "auto" resolved to; the saved config keeps "auto"
             kwargs["precision"] = self._precision
         return super().instantiate_trainer(**kwargs)
-
-    @property
-    def _step(self) -> int:
-        """The step of the checkpoint resumed or evaluated."""
-        return int(self._ckpt["global_step"]) if self._ckpt is not None else 0
 
     def after_instantiate_classes(self) -> None:
         trainer = self.trainer

@@ -6,9 +6,9 @@
       ──rename──▶ <cache_dir>/<name>-<key>/ids.bin + meta.json  (vocabulary, dtype, count, fingerprint)
     a later run: fingerprint unchanged ─▶ memory map of ids.bin: no tokenizing, memory independent of size
 
-The ids are those of ``CharTokenizer.from_text`` on the whole text. An incremental UTF-8 decoder reads the
-chunks (a character a chunk cuts waits for the next); a pure-ASCII chunk's new characters and ids come from
-``bytes.translate``. A build holds a few chunks in memory.
+The ids are the lecture's (``stoi`` over the sorted characters of the whole text). An incremental UTF-8
+decoder reads the chunks (a character a chunk cuts waits for the next); a pure-ASCII chunk's new characters and
+ids come from ``bytes.translate``. A build holds a few chunks in memory.
 
 The fingerprint holds each file's path, size, modification time, status change time and inode: a
 same-size copy that keeps the modification time (``cp -p``, ``rsync -t``) still moves the status change

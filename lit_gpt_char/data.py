@@ -45,13 +45,6 @@ class CharTokenizer:
     def __init__(self, vocab: str) -> None:
         self.vocab, self.vocab_size, self._points = vocab, len(vocab), _codepoints(vocab)
 
-    @classmethod
-    def from_text(cls, text: str) -> tuple[CharTokenizer, torch.Tensor]:
-        """The tokenizer of ``text`` and ``text`` encoded with it (in the token store's dtype), in one pass."""
-        points, ids = torch.unique(_codepoints(text), sorted=True, return_inverse=True)
-        dtype = torch.uint8 if len(points) <= 256 else torch.uint16 if len(points) <= 65536 else torch.int32
-        return cls("".join(map(chr, points.tolist()))), ids.to(dtype)
-
     def encode(self, text: str) -> torch.Tensor:
         """Ids (int64) of ``text``; a character outside the vocabulary is an error naming it."""
         if new := list(dict.fromkeys(ch for ch in text if ch not in self.vocab)):
@@ -288,10 +281,6 @@ class ShakespeareDataModule(LightningDataModule):
         """Every character of the corpus, sorted: the model's vocabulary (linked to the model)."""
         self._split_ids()  # fail on a too-short split now, before the model is built or anything written
         return self.store.vocab
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
 
     def _split_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
         train, val = self.store.ids.tensor_split([int(self.train_fraction * len(self.store.ids))])
