@@ -20,7 +20,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
@@ -38,7 +37,7 @@ from lit_gpt_char.errors import LitGPTCharError, shown
 from lit_gpt_char.module import LitGPT
 from lit_gpt_char.monitor import LossChart, ProgressBar, Throughput
 from lit_gpt_char.parser import CLIParser
-from lit_gpt_char.precision import allow_clipping_with_fused_optimizers, auto_precision, native_bf16
+from lit_gpt_char.precision import allow_clipping_with_fused_optimizers, auto_precision
 from lit_gpt_char.runs import Run, start, this_run
 from lit_gpt_char.sampling import SampleTextCallback, sample_cli
 from lit_gpt_char.signals import InterruptCheckpoint
@@ -115,7 +114,7 @@ class LitGPTCLI(LightningCLI):
         parser.link_arguments("data.block_size", "model.config.block_size")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
         parser.link_arguments("data.vocab", "model.config.vocab_size", compute_fn=len, apply_on="instantiate")
-        # "auto" beside Lightning's values (see _auto_precision)
+        # "auto" beside Lightning's values (precision.auto_precision)
         precision = _set_help(parser, "trainer.precision", PRECISION_HELP)
         internals.widen_type(precision, Optional[Union[Literal["auto"], internals.type_of(precision)]])
         # always on, also when a config gives its own trainer.callbacks list (which replaces the defaults)
@@ -143,7 +142,7 @@ class LitGPTCLI(LightningCLI):
         os.environ.setdefault("TQDM_MINITERS", "10")
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.precision == "auto":
-            self._precision, why = _auto_precision(config.trainer.accelerator)
+            self._precision, why = auto_precision(config.trainer.accelerator)
             self._notes.append(f"precision auto: {self._precision} ({why})")
         if self.subcommand is None:
             return
@@ -245,16 +244,6 @@ class LitGPTCLI(LightningCLI):
             line += f" (best {float(best.best_model_score):.4f} at step {at}); {shown(best.best_model_path)}"
         last = self._run.checkpoint_dir / "last.ckpt"
         print(line + (f", {shown(last)}" if last.is_file() else ""), flush=True)
-
-
-def _auto_precision(accelerator: Any) -> tuple[str, str]:
-    """--trainer.precision auto on the device --trainer.accelerator picks: its facts, read here, decide."""
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-        return auto_precision("cuda", native_bf16(device), torch.cuda.get_device_capability(device))
-    if accelerator in ("auto", "gpu", "mps") and torch.backends.mps.is_available():
-        return auto_precision("mps", False)
-    return auto_precision("cpu", False)
 
 
 def _set_help(parser: LightningArgumentParser, dest: str, help: str) -> Action:
