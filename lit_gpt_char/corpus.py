@@ -351,20 +351,18 @@ def open_store(corpus: Corpus, cache_dir: Path, say: Callable[[str], None] = SAY
                     say(f"waiting for another process that is preparing the corpus cache {entry}")
                     held = lock.acquire()
             with held:
-                for path in entry.glob(f"*{TMP}*"):  # of builds that died: only the holder of the lock writes any
-                    path.unlink(missing_ok=True)
-                found, damaged = _read_valid(entry, corpus)
-                if found is not None:
-                    return TokenStore(entry, found)
-                if damaged:
-                    say(f"corpus cache {entry} {damaged}: rebuilding it")
-                changed = (entry / META).exists() and not damaged
                 try:
+                    found, damaged = _read_valid(entry, corpus)
+                    if found is not None:
+                        return TokenStore(entry, found)
+                    if damaged:
+                        say(f"corpus cache {entry} {damaged}: rebuilding it")
+                    changed = (entry / META).exists() and not damaged
                     _write(corpus, texts, meta, entry, bar)
-                except BaseException:  # a full disk, a changed corpus, Ctrl-C: no partial ids file (GBs) stays
+                finally:  # no partial ids file (GBs) stays: of this build (a full disk, a changed corpus, Ctrl-C), or
+                    # of builds that died (only the holder of the lock writes any; a build renames its own into place)
                     for path in entry.glob(f"*{TMP}*"):
                         path.unlink(missing_ok=True)
-                    raise
         except OSError as err:  # not writable, full, or without file locks (NFS without its lock service)
             raise LitGPTCharError(
                 f"cannot use the corpus cache {entry}: {err.strerror or err}; "
