@@ -34,23 +34,19 @@ RELEASE_EVERY_WINDOWS = 256
 _say = rank_zero_only(corpus.SAY)
 
 
-def _codepoints(text: str) -> torch.Tensor:
-    """Unicode code points of ``text`` as an int32 tensor, without a Python loop over characters."""
-    return torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
-
-
 class CharTokenizer:
     """Characters ↔ ids, ids ordered by code point (``sorted(set(text))``, as in the lecture)."""
 
     def __init__(self, vocab: str) -> None:
-        self.vocab, self.vocab_size, self._points = vocab, len(vocab), _codepoints(vocab)
+        self.vocab, self.vocab_size = vocab, len(vocab)
+        self.stoi = {ch: i for i, ch in enumerate(vocab)}
 
     def encode(self, text: str) -> torch.Tensor:
         """Ids (int64) of ``text``; a character outside the vocabulary is an error naming it."""
-        if new := list(dict.fromkeys(ch for ch in text if ch not in self.vocab)):
+        if new := list(dict.fromkeys(ch for ch in text if ch not in self.stoi)):
             show = ", ".join(map(repr, new[:20]))
             raise LitGPTCharError(f"{len(new)} character(s) not in the model's vocabulary of {self.vocab_size}: {show}")
-        return torch.searchsorted(self._points, _codepoints(text)).long()
+        return torch.tensor([self.stoi[ch] for ch in text], dtype=torch.long)
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         return "".join(self.vocab[i] for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids))

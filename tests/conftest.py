@@ -49,11 +49,12 @@ def make_text(n_chars: int, seed: int = 0) -> str:
 
 def tokenize(text: str) -> tuple[CharTokenizer, torch.Tensor]:
     """The lecture's tokenizer of ``text`` (its characters, sorted) and ``text`` encoded with it, in the dtype the
-    token cache stores: what the cache of a corpus must hold."""
-    tokenizer = CharTokenizer("".join(sorted(set(text))))
-    n = tokenizer.vocab_size
-    dtype = torch.uint8 if n <= 256 else torch.uint16 if n <= 65536 else torch.int32
-    return tokenizer, tokenizer.encode(text).to(dtype)
+    token cache stores: what the cache of a corpus must hold. Vectorised (the texts are up to megabytes): the sorted
+    unique code points, and each character's index among them."""
+    points = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
+    chars, ids = torch.unique(points, sorted=True, return_inverse=True)
+    dtype = torch.uint8 if len(chars) <= 256 else torch.uint16 if len(chars) <= 65536 else torch.int32
+    return CharTokenizer("".join(map(chr, chars.tolist()))), ids.to(dtype)
 
 
 @pytest.fixture(scope="session")
