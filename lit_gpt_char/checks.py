@@ -4,8 +4,6 @@ Lightning prints while the CLI builds the Trainer; :class:`HeldOutput` keeps tho
 pass, so that a rejected command prints one line, its error, and writes nothing.
 """
 
-from __future__ import annotations
-
 import inspect
 import logging
 import os

@@ -7,8 +7,6 @@ A mistake the user can fix (:class:`LitGPTCharError`, or Lightning's own misconf
 errors) is printed as one line, ``error: ...``, with exit status 2 and no traceback.
 """
 
-from __future__ import annotations
-
 import logging
 import os
 import signal

@@ -22,8 +22,6 @@ of the lock deletes what it left), and a built cache is mapped without the lock.
 not have the size its metadata records is rebuilt, with a line saying so.
 """
 
-from __future__ import annotations
-
 import codecs
 import fnmatch
 import functools

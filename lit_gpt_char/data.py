@@ -10,8 +10,6 @@ from a memory map: only the pages windows touch are in memory. No window is mate
 batch being drawn.
 """
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import socket

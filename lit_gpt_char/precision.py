@@ -8,8 +8,6 @@ step is the same as clipping before a plain step. nanoGPT's recipe (bf16, clip 1
 needs exactly that.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 import torch

@@ -10,8 +10,6 @@ The other processes of a multi-process job join the run global rank 0 claims: Li
 learn its name from ``RUN_ENV``, those of torchrun or srun from rank 0's store (distributed.py).
 """
 
-from __future__ import annotations
-
 import contextlib
 import os
 import re

@@ -1,8 +1,6 @@
 """Text from the model: while training (SampleTextCallback) and from a checkpoint alone, no corpus or config
 (``lit-gpt-char sample``)."""
 
-from __future__ import annotations
-
 import itertools
 import sys
 from dataclasses import dataclass
