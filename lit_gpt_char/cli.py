@@ -312,9 +312,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         args = sys.argv[1:] if argv is None else argv
         if not args:
-            raise LitGPTCharError(
-                f"give a subcommand: fit, validate, test or sample (what each does: {_prog()} --help)"
-            )
+            raise LitGPTCharError(f"give a subcommand: fit, validate, test or sample (see {_prog()} --help)")
         if args[:1] == ["sample"]:
             sample_cli(args[1:], _prog())
         else:
