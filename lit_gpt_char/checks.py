@@ -98,8 +98,8 @@ def check_built(trainer: Trainer, model: LitGPT, data: ShakespeareDataModule, ck
             "--trainer.precision 16-mixed scales the loss, so a fused AdamW step cannot be clipped "
             "(--trainer.gradient_clip_val): use --trainer.precision bf16-mixed, or --model.fused_adamw false"
         )
-    theirs = ckpt["hyper_parameters"]["vocab"] if ckpt is not None else data.vocab
-    if theirs != data.vocab:  # both are sorted sets of characters: they differ in which characters they hold
+    if ckpt is not None and ckpt["hyper_parameters"]["vocab"] != data.vocab:
+        theirs = ckpt["hyper_parameters"]["vocab"]  # both sorted sets of characters: they differ in which they hold
         raise LitGPTCharError(
             f"the checkpoint's vocabulary ({len(theirs)} characters) differs from that of corpus {data.path} "
             f"({len(data.vocab)}; only in the corpus: {''.join(sorted(set(data.vocab) - set(theirs)))!r}, only in "
