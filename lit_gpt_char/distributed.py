@@ -14,6 +14,8 @@ gives the process group. Through it rank 0 (which claims ``checkpoints/RUN/``) h
 ranks, or its error, so that a rank 0 that fails on the user's input never leaves the others waiting for it.
 """
 
+from __future__ import annotations
+
 import atexit
 import functools
 import os
