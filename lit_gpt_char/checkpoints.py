@@ -1,8 +1,6 @@
 """Checkpoint files: which ones a run writes and when (Checkpoint), written atomically (AtomicCheckpointIO), and read
 back without Lightning (read_checkpoint, load_checkpoint: model + vocabulary alone)."""
 
-from __future__ import annotations
-
 import contextlib
 import os
 import pickle

@@ -4,8 +4,6 @@ Lightning prints while the CLI builds the Trainer; :class:`HeldOutput` keeps tho
 pass, so that a rejected command prints one line, its error, and writes nothing.
 """
 
-from __future__ import annotations
-
 import inspect
 import logging
 import os
@@ -101,16 +99,12 @@ def check_built(trainer: Trainer, model: LitGPT, data: ShakespeareDataModule, ck
             "(--trainer.gradient_clip_val): use --trainer.precision bf16-mixed, or --model.fused_adamw false"
         )
     if ckpt is not None and ckpt["hyper_parameters"]["vocab"] != data.vocab:
-        ours, theirs = set(data.vocab), set(ckpt["hyper_parameters"]["vocab"])
-        diff = "; ".join(
-            f"{label}: {''.join(sorted(chars))!r}"
-            for label, chars in (("only in the corpus", ours - theirs), ("only in the checkpoint", theirs - ours))
-            if chars
-        )
+        theirs = ckpt["hyper_parameters"]["vocab"]  # both sorted sets of characters: they differ in which they hold
         raise LitGPTCharError(
-            f"the checkpoint's vocabulary ({len(ckpt['hyper_parameters']['vocab'])} characters) differs from that of "
-            f"corpus {data.path} ({len(data.vocab)} characters; {diff or 'same characters, other order'}). Use the "
-            f"corpus the checkpoint was trained on (--data.path), or start a new run without --ckpt_path"
+            f"the checkpoint's vocabulary ({len(theirs)} characters) differs from that of corpus {data.path} "
+            f"({len(data.vocab)}; only in the corpus: {''.join(sorted(set(data.vocab) - set(theirs)))!r}, only in "
+            f"the checkpoint: {''.join(sorted(set(theirs) - set(data.vocab)))!r}). Use the corpus the checkpoint was "
+            f"trained on (--data.path), or start a new run without --ckpt_path"
         )
     if hp.fused_adamw is None and scaled_and_clipped(trainer):
         return ["note: 16-mixed scales the loss, and a fused AdamW step cannot be clipped: AdamW takes its plain step"]

@@ -7,8 +7,6 @@ A mistake the user can fix (:class:`LitGPTCharError`, or Lightning's own misconf
 errors) is printed as one line, ``error: ...``, with exit status 2 and no traceback.
 """
 
-from __future__ import annotations
-
 import logging
 import os
 import signal
@@ -20,7 +18,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
@@ -38,7 +35,7 @@ from lit_gpt_char.errors import LitGPTCharError, shown
 from lit_gpt_char.module import LitGPT
 from lit_gpt_char.monitor import LossChart, ProgressBar, Throughput
 from lit_gpt_char.parser import CLIParser
-from lit_gpt_char.precision import allow_clipping_with_fused_optimizers, auto_precision, native_bf16
+from lit_gpt_char.precision import allow_clipping_with_fused_optimizers, auto_precision
 from lit_gpt_char.runs import Run, start, this_run
 from lit_gpt_char.sampling import SampleTextCallback, sample_cli
 from lit_gpt_char.signals import InterruptCheckpoint
@@ -80,6 +77,7 @@ class LitGPTCLI(LightningCLI):
         self._held = HeldOutput()  # Lightning's lines wait until the input is checked: an error is the only line
         self._run: Optional[Run] = None  # fit's
         self._ckpt: Optional[dict] = None  # the checkpoint to load, read and checked
+        self._step = 0  # the step of the checkpoint resumed or evaluated
         self._precision: Optional[str] = None  # what --trainer.precision auto resolved to
         self._notes: list[str] = []  # lines printed after the run's first line, once the input is checked
         self._end = lambda undo: None  # rank 0 of a fit: lets the run go (runs.start)
@@ -113,8 +111,8 @@ class LitGPTCLI(LightningCLI):
         # the data decides the vocabulary and the context length; the model follows
         parser.link_arguments("data.block_size", "model.config.block_size")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
-        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
-        # "auto" beside Lightning's values (see _auto_precision)
+        parser.link_arguments("data.vocab", "model.config.vocab_size", compute_fn=len, apply_on="instantiate")
+        # "auto" beside Lightning's values (precision.auto_precision)
         precision = _set_help(parser, "trainer.precision", PRECISION_HELP)
         internals.widen_type(precision, Optional[Union[Literal["auto"], internals.type_of(precision)]])
         # always on, also when a config gives its own trainer.callbacks list (which replaces the defaults)
@@ -142,7 +140,7 @@ class LitGPTCLI(LightningCLI):
         os.environ.setdefault("TQDM_MINITERS", "10")
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.precision == "auto":
-            self._precision, why = _auto_precision(config.trainer.accelerator)
+            self._precision, why = auto_precision(config.trainer.accelerator)
             self._notes.append(f"precision auto: {self._precision} ({why})")
         if self.subcommand is None:
             return
@@ -150,6 +148,7 @@ class LitGPTCLI(LightningCLI):
         run = this_run(self.subcommand, config.ckpt_path, config.run_name)
         if run.resume_from is not None:  # a missing, truncated or foreign file is one clear error
             self._ckpt = read_checkpoint(run.resume_from)
+            self._step = int(self._ckpt["global_step"])
             follow_checkpoint(config, self._ckpt, run.resume_from, self._argv, evaluate=self.subcommand != "fit")
         config.ckpt_path = str(run.resume_from) if run.resume_from is not None else None
         if self.subcommand != "fit":  # an evaluation prints its table; it is no run of its own and writes nothing
@@ -183,11 +182,6 @@ class LitGPTCLI(LightningCLI):
         if self._precision is not None:  # what "auto" resolved to; the saved config keeps "auto"
             kwargs["precision"] = self._precision
         return super().instantiate_trainer(**kwargs)
-
-    @property
-    def _step(self) -> int:
-        """The step of the checkpoint resumed or evaluated."""
-        return int(self._ckpt["global_step"]) if self._ckpt is not None else 0
 
     def after_instantiate_classes(self) -> None:
         trainer = self.trainer
@@ -248,16 +242,6 @@ class LitGPTCLI(LightningCLI):
             line += f" (best {float(best.best_model_score):.4f} at step {at}); {shown(best.best_model_path)}"
         last = self._run.checkpoint_dir / "last.ckpt"
         print(line + (f", {shown(last)}" if last.is_file() else ""), flush=True)
-
-
-def _auto_precision(accelerator: Any) -> tuple[str, str]:
-    """--trainer.precision auto on the device --trainer.accelerator picks: its facts, read here, decide."""
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-        return auto_precision("cuda", native_bf16(device), torch.cuda.get_device_capability(device))
-    if accelerator in ("auto", "gpu", "mps") and torch.backends.mps.is_available():
-        return auto_precision("mps", False)
-    return auto_precision("cpu", False)
 
 
 def _set_help(parser: LightningArgumentParser, dest: str, help: str) -> Action:
@@ -328,9 +312,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         args = sys.argv[1:] if argv is None else argv
         if not args:
-            raise LitGPTCharError(
-                f"give a subcommand: fit, validate, test or sample (what each does: {_prog()} --help)"
-            )
+            raise LitGPTCharError(f"give a subcommand: fit, validate, test or sample (see {_prog()} --help)")
         if args[:1] == ["sample"]:
             sample_cli(args[1:], _prog())
         else:

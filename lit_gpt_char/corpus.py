@@ -6,9 +6,9 @@
       ──rename──▶ <cache_dir>/<name>-<key>/ids.bin + meta.json  (vocabulary, dtype, count, fingerprint)
     a later run: fingerprint unchanged ─▶ memory map of ids.bin: no tokenizing, memory independent of size
 
-The ids are those of ``CharTokenizer.from_text`` on the whole text. An incremental UTF-8 decoder reads the
-chunks (a character a chunk cuts waits for the next); a pure-ASCII chunk's new characters and ids come from
-``bytes.translate``. A build holds a few chunks in memory.
+The ids are the lecture's (``stoi`` over the sorted characters of the whole text). An incremental UTF-8
+decoder reads the chunks (a character a chunk cuts waits for the next); a pure-ASCII chunk's new characters and
+ids come from ``bytes.translate``. A build holds a few chunks in memory.
 
 The fingerprint holds each file's path, size, modification time, status change time and inode: a
 same-size copy that keeps the modification time (``cp -p``, ``rsync -t``) still moves the status change
@@ -21,8 +21,6 @@ place, metadata last, so a process killed while tokenizing leaves nothing a late
 of the lock deletes what it left), and a built cache is mapped without the lock. A cache whose id file does
 not have the size its metadata records is rebuilt, with a line saying so.
 """
-
-from __future__ import annotations
 
 import codecs
 import fnmatch
@@ -351,20 +349,18 @@ def open_store(corpus: Corpus, cache_dir: Path, say: Callable[[str], None] = SAY
                     say(f"waiting for another process that is preparing the corpus cache {entry}")
                     held = lock.acquire()
             with held:
-                for path in entry.glob(f"*{TMP}*"):  # of builds that died: only the holder of the lock writes any
-                    path.unlink(missing_ok=True)
-                found, damaged = _read_valid(entry, corpus)
-                if found is not None:
-                    return TokenStore(entry, found)
-                if damaged:
-                    say(f"corpus cache {entry} {damaged}: rebuilding it")
-                changed = (entry / META).exists() and not damaged
                 try:
+                    found, damaged = _read_valid(entry, corpus)
+                    if found is not None:
+                        return TokenStore(entry, found)
+                    if damaged:
+                        say(f"corpus cache {entry} {damaged}: rebuilding it")
+                    changed = (entry / META).exists() and not damaged
                     _write(corpus, texts, meta, entry, bar)
-                except BaseException:  # a full disk, a changed corpus, Ctrl-C: no partial ids file (GBs) stays
+                finally:  # no partial ids file (GBs) stays: of this build (a full disk, a changed corpus, Ctrl-C), or
+                    # of builds that died (only the holder of the lock writes any; a build renames its own into place)
                     for path in entry.glob(f"*{TMP}*"):
                         path.unlink(missing_ok=True)
-                    raise
         except OSError as err:  # not writable, full, or without file locks (NFS without its lock service)
             raise LitGPTCharError(
                 f"cannot use the corpus cache {entry}: {err.strerror or err}; "

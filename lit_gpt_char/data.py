@@ -10,8 +10,6 @@ from a memory map: only the pages windows touch are in memory. No window is mate
 batch being drawn.
 """
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import socket
@@ -34,30 +32,19 @@ RELEASE_EVERY_WINDOWS = 256
 _say = rank_zero_only(corpus.SAY)
 
 
-def _codepoints(text: str) -> torch.Tensor:
-    """Unicode code points of ``text`` as an int32 tensor, without a Python loop over characters."""
-    return torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
-
-
 class CharTokenizer:
     """Characters ↔ ids, ids ordered by code point (``sorted(set(text))``, as in the lecture)."""
 
     def __init__(self, vocab: str) -> None:
-        self.vocab, self.vocab_size, self._points = vocab, len(vocab), _codepoints(vocab)
-
-    @classmethod
-    def from_text(cls, text: str) -> tuple[CharTokenizer, torch.Tensor]:
-        """The tokenizer of ``text`` and ``text`` encoded with it (in the token store's dtype), in one pass."""
-        points, ids = torch.unique(_codepoints(text), sorted=True, return_inverse=True)
-        dtype = torch.uint8 if len(points) <= 256 else torch.uint16 if len(points) <= 65536 else torch.int32
-        return cls("".join(map(chr, points.tolist()))), ids.to(dtype)
+        self.vocab, self.vocab_size = vocab, len(vocab)
+        self.stoi = {ch: i for i, ch in enumerate(vocab)}
 
     def encode(self, text: str) -> torch.Tensor:
         """Ids (int64) of ``text``; a character outside the vocabulary is an error naming it."""
-        if new := list(dict.fromkeys(ch for ch in text if ch not in self.vocab)):
+        if new := list(dict.fromkeys(ch for ch in text if ch not in self.stoi)):
             show = ", ".join(map(repr, new[:20]))
             raise LitGPTCharError(f"{len(new)} character(s) not in the model's vocabulary of {self.vocab_size}: {show}")
-        return torch.searchsorted(self._points, _codepoints(text)).long()
+        return torch.tensor([self.stoi[ch] for ch in text], dtype=torch.long)
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         return "".join(self.vocab[i] for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids))
@@ -288,10 +275,6 @@ class ShakespeareDataModule(LightningDataModule):
         """Every character of the corpus, sorted: the model's vocabulary (linked to the model)."""
         self._split_ids()  # fail on a too-short split now, before the model is built or anything written
         return self.store.vocab
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
 
     def _split_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
         train, val = self.store.ids.tensor_split([int(self.train_fraction * len(self.store.ids))])

@@ -1,7 +1,5 @@
 """The one exception type for mistakes a user can make and fix, and how messages name a path."""
 
-from __future__ import annotations
-
 import os
 from pathlib import Path
 

@@ -26,8 +26,6 @@ Generation has two paths that share the sampling rule:
   the window costs a full re-encode, and the result is the uncached path's exactly.
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass

@@ -8,8 +8,6 @@ V100), and in bfloat16 on the others. Embeddings, the output head and the norms'
 authors prescribe.
 """
 
-from __future__ import annotations
-
 import math
 from typing import Any, Callable, Optional
 

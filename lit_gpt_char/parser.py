@@ -3,8 +3,6 @@
 Both the Lightning subcommands (cli.py) and ``sample`` (sampling.py) build on it.
 """
 
-from __future__ import annotations
-
 import difflib
 import os
 import re

@@ -8,7 +8,7 @@ step is the same as clipping before a plain step. nanoGPT's recipe (bf16, clip 1
 needs exactly that.
 """
 
-from __future__ import annotations
+from typing import Any
 
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
@@ -31,18 +31,20 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def auto_precision(device: str, bf16_native: bool, capability: tuple[int, int] | None = None) -> tuple[str, str]:
-    """``--trainer.precision auto``: the precision ``device`` ("cuda", "mps", "cpu") runs natively, and why.
+def auto_precision(accelerator: Any) -> tuple[str, str]:
+    """``--trainer.precision auto`` on the device ``--trainer.accelerator`` picks: the precision it runs natively, and
+    why.
 
     bf16 autocast where the GPU computes bf16 natively (compute capability 8.0 and up: A100, H100, RTX 30xx);
     fp16 with loss scaling on older GPUs (T4, V100), which emulate bf16 slowly or not at all; float32 on a CPU
     (most emulate bf16, slower than float32) and on Apple's MPS (its mixed precision is untried here).
     """
-    if device == "cuda" and bf16_native:
-        return "bf16-mixed", "this GPU computes bf16 natively"
-    if device == "cuda":
-        version = f", compute capability {capability[0]}.{capability[1]}," if capability else ""
-        return "16-mixed", f"this GPU{version} has no native bf16: fp16 with loss scaling"
-    if device == "mps":
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        if native_bf16(device):
+            return "bf16-mixed", "this GPU computes bf16 natively"
+        major, minor = torch.cuda.get_device_capability(device)
+        return "16-mixed", f"this GPU, compute capability {major}.{minor}, has no native bf16: fp16 with loss scaling"
+    if accelerator in ("auto", "gpu", "mps") and torch.backends.mps.is_available():
         return "32-true", "Apple MPS: mixed precision there is untried by this project"
     return "32-true", "on a CPU, float32 is the fast path: most CPUs emulate bf16"

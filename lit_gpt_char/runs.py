@@ -10,8 +10,6 @@ The other processes of a multi-process job join the run global rank 0 claims: Li
 learn its name from ``RUN_ENV``, those of torchrun or srun from rank 0's store (distributed.py).
 """
 
-from __future__ import annotations
-
 import contextlib
 import os
 import re
@@ -27,7 +25,6 @@ from lit_gpt_char.errors import LitGPTCharError
 CHECKPOINTS = Path("checkpoints")  # the home of every run's checkpoint folder, relative to the working directory
 # rank 0 hands the run's name to the processes Lightning starts for DDP, which re-run the same command
 RUN_ENV = "LIT_GPT_CHAR_RUN"
-_VERSION = re.compile(r"version_(\d+)")
 
 
 @dataclass(frozen=True)
@@ -134,7 +131,7 @@ def start(run: Run, log_root: Optional[Path]) -> tuple[Run, Callable[[bool], Non
         taken = [
             p.name for root in (CHECKPOINTS, log_root) if root is not None and root.is_dir() for p in root.iterdir()
         ]
-        version = 1 + max((int(m[1]) for name in taken if (m := _VERSION.fullmatch(name))), default=-1)
+        version = 1 + max((int(m[1]) for name in taken if (m := re.fullmatch(r"version_(\d+)", name))), default=-1)
         while True:
             run = Run(f"version_{version}", CHECKPOINTS / f"version_{version}", run.resume_from)
             with contextlib.suppress(FileExistsError):

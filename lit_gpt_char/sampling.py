@@ -1,8 +1,6 @@
 """Text from the model: while training (SampleTextCallback) and from a checkpoint alone, no corpus or config
 (``lit-gpt-char sample``)."""
 
-from __future__ import annotations
-
 import itertools
 import sys
 from dataclasses import dataclass
@@ -160,15 +158,14 @@ def sample(
         first = next(tokens, None)
     except LitGPTCharError as err:
         raise LitGPTCharError(f"--{err}") from None  # its messages begin with the option's name
-    out = sys.stdout
-    out.write(("===== sample 1 =====\n" if num_samples > 1 else "") + tokenizer.decode(ids))
+    sys.stdout.write(("===== sample 1 =====\n" if num_samples > 1 else "") + tokenizer.decode(ids))
     for token in itertools.chain([first] if first is not None else [], tokens):
         rows = torch.cat((rows, token[:, None]), dim=1)
-        out.write(tokenizer.decode([int(token[0])]))
-        out.flush()
+        sys.stdout.write(tokenizer.decode([int(token[0])]))
+        sys.stdout.flush()
     texts = [tokenizer.decode(row) for row in rows]
-    out.write("\n" + "".join(f"===== sample {i} =====\n{text}\n" for i, text in enumerate(texts[1:], start=2)))
-    out.flush()
+    sys.stdout.write("\n" + "".join(f"===== sample {i} =====\n{text}\n" for i, text in enumerate(texts[1:], start=2)))
+    sys.stdout.flush()
     return texts
 
 

@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lit_gpt_char.cli import main
 from lit_gpt_char.corpus import tiny_shakespeare_text
+from lit_gpt_char.data import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = str(ROOT / "configs" / "small.yaml")
@@ -43,6 +45,16 @@ def make_text(n_chars: int, seed: int = 0) -> str:
         lines.append(line)
         size += len(line) + 1
     return "\n".join(lines)[:n_chars] + "\n"
+
+
+def tokenize(text: str) -> tuple[CharTokenizer, torch.Tensor]:
+    """The lecture's tokenizer of ``text`` (its characters, sorted) and ``text`` encoded with it, in the dtype the
+    token cache stores: what the cache of a corpus must hold. Vectorised (the texts are up to megabytes): the sorted
+    unique code points, and each character's index among them."""
+    points = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
+    chars, ids = torch.unique(points, sorted=True, return_inverse=True)
+    dtype = torch.uint8 if len(chars) <= 256 else torch.uint16 if len(chars) <= 65536 else torch.int32
+    return CharTokenizer("".join(map(chr, chars.tolist()))), ids.to(dtype)
 
 
 @pytest.fixture(scope="session")

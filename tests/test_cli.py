@@ -163,17 +163,25 @@ def test_bf16_mixed_precision_trains_on_cpu(corpus: Path, workdir: Path) -> None
 
 
 @pytest.mark.parametrize(
-    ("device", "bf16_native", "capability", "expected"),
+    ("accelerator", "cuda", "mps", "expected"),
     [
-        ("cuda", True, (9, 0), "bf16-mixed"),  # H100/H200, A100 (8.0), RTX 30xx/40xx
-        ("cuda", False, (7, 5), "16-mixed"),  # T4 (Colab's default)
-        ("cuda", False, (7, 0), "16-mixed"),  # V100
-        ("mps", True, None, "32-true"),
-        ("cpu", True, None, "32-true"),
+        ("auto", (9, 0), False, "bf16-mixed"),  # H100/H200, A100 (8.0), RTX 30xx/40xx
+        ("gpu", (7, 5), False, "16-mixed"),  # T4 (Colab's default)
+        ("cuda", (7, 0), False, "16-mixed"),  # V100
+        ("cpu", (9, 0), False, "32-true"),  # a GPU is there, but the run asks for the CPU
+        ("auto", None, True, "32-true"),  # Apple MPS
+        ("auto", None, False, "32-true"),  # a CPU
     ],
 )
-def test_auto_precision_follows_the_device(device: str, bf16_native: bool, capability, expected: str) -> None:
-    precision, why = auto_precision(device, bf16_native, capability)
+def test_auto_precision_follows_the_device(
+    accelerator: str, cuda, mps: bool, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device's facts, as torch reports them, decide."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda is not None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    precision, why = auto_precision(accelerator)
     assert precision == expected and why
 
 

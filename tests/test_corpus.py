@@ -34,7 +34,7 @@ from lit_gpt_char.corpus import (
 from lit_gpt_char.data import CharTokenizer, RandomWindows, ShakespeareDataModule
 from lit_gpt_char.errors import LitGPTCharError
 
-from .conftest import ROOT, TINY, make_text, outputs_under, run_main, run_subprocess
+from .conftest import ROOT, TINY, make_text, outputs_under, run_main, run_subprocess, tokenize
 
 
 def quiet(message: str) -> None:
@@ -54,7 +54,7 @@ def write_tree(root: Path, files: dict[str, bytes | str]) -> None:
 
 def reference(text: str) -> tuple[str, torch.Tensor]:
     """Vocabulary and ids as the lecture computes them (and as this project did before the store)."""
-    tokenizer, ids = CharTokenizer.from_text(text)
+    tokenizer, ids = tokenize(text)
     return tokenizer.vocab, ids
 
 

@@ -17,7 +17,7 @@ from lit_gpt_char.corpus import TINY_SHAKESPEARE_SHA256
 from lit_gpt_char.data import CharTokenizer, FixedWindows, RandomWindows, ShakespeareDataModule
 from lit_gpt_char.errors import LitGPTCharError
 
-from .conftest import TINY, files_under, make_text, run_subprocess
+from .conftest import TINY, files_under, make_text, run_subprocess, tokenize
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +28,7 @@ def _in_a_scratch_folder(tmp_path_factory: pytest.TempPathFactory, monkeypatch: 
 
 def test_tokenizer_matches_the_lectures_encoding() -> None:
     text = make_text(5000) + "ü€—"
-    tokenizer, ids = CharTokenizer.from_text(text)
+    tokenizer, ids = tokenize(text)
     chars = sorted(set(text))
     assert tokenizer.vocab == "".join(chars)
     assert ids.tolist() == [chars.index(c) for c in text]
@@ -43,7 +43,7 @@ def test_unknown_characters_are_named() -> None:
 
 
 def test_real_corpus_is_65_characters_in_one_byte_each(real_corpus: Path) -> None:
-    tokenizer, ids = CharTokenizer.from_text(real_corpus.read_text(encoding="utf-8"))
+    tokenizer, ids = tokenize(real_corpus.read_text(encoding="utf-8"))
     assert tokenizer.vocab_size == 65 and tokenizer.vocab[0] == "\n"
     assert ids.dtype == torch.uint8 and ids.numel() == 1_115_394  # ~1 MB resident
 
@@ -63,7 +63,7 @@ def test_split_is_90_10_and_windows_are_real_slices(corpus: Path) -> None:
 
 
 def test_training_stream_is_per_rank_and_resumable(corpus: Path) -> None:
-    ids = CharTokenizer.from_text(corpus.read_text())[1]
+    ids = tokenize(corpus.read_text())[1]
     rank0 = RandomWindows(ids, 4, 8, seed=1, rank=0)
     batches = [b for _, b in zip(range(6), rank0)]
     again = [b for _, b in zip(range(6), RandomWindows(ids, 4, 8, seed=1, rank=0))]
@@ -77,7 +77,7 @@ def test_training_stream_is_per_rank_and_resumable(corpus: Path) -> None:
 
 
 def test_validation_windows_are_fixed_and_sharded(corpus: Path) -> None:
-    ids = CharTokenizer.from_text(corpus.read_text())[1]
+    ids = tokenize(corpus.read_text())[1]
     whole = FixedWindows(ids, 16, 100, batch_size=32, rank=0, world_size=1)
     first, second = list(whole), list(whole)
     assert len(first) == 4 and all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
@@ -88,7 +88,7 @@ def test_validation_windows_are_fixed_and_sharded(corpus: Path) -> None:
 
 
 def test_whole_split_predicts_every_character_once(corpus: Path) -> None:
-    ids = CharTokenizer.from_text(corpus.read_text())[1][:1000]
+    ids = tokenize(corpus.read_text())[1][:1000]
     targets = torch.cat([y.reshape(-1) for _, y in FixedWindows(ids, 16, None, 7, 0, 1)])
     assert torch.equal(targets, ids[1:].long())
 
@@ -144,7 +144,7 @@ def test_download_from_a_file_url(tmp_path: Path) -> None:
     src = tmp_path / "src.txt"
     src.write_text(make_text(2000))
     dm = ShakespeareDataModule(data_dir=str(tmp_path / "d"), url=src.as_uri(), sha256=None)
-    assert dm.vocab_size == len(set(src.read_text()))
+    assert len(dm.vocab) == len(set(src.read_text()))
 
 
 def test_default_corpus_is_checked_against_tiny_shakespeares_hash(tmp_path: Path) -> None:

@@ -15,13 +15,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.nn import functional as F
 
 from lit_gpt_char.checkpoints import load_checkpoint
-from lit_gpt_char.data import CharTokenizer, FixedWindows
+from lit_gpt_char.data import FixedWindows
 from lit_gpt_char.errors import LitGPTCharError
 from lit_gpt_char.model import GPTConfig
 from lit_gpt_char.module import LitGPT
 from lit_gpt_char.policy import RunPolicy
 
-from .conftest import TINY, make_text, run_main, run_subprocess
+from .conftest import TINY, make_text, run_main, run_subprocess, tokenize
 from .test_cli import read_events
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
@@ -36,7 +36,7 @@ def _table_value(out: str, key: str) -> float:
 def _whole_split_loss(checkpoint: Path, corpus: Path, block_size: int) -> tuple[float, int]:
     """Mean cross-entropy over every target of the validation split, one tile at a time; (loss, targets)."""
     model, _ = load_checkpoint(checkpoint)
-    _, ids = CharTokenizer.from_text(corpus.read_text())
+    _, ids = tokenize(corpus.read_text())
     val = ids[int(0.9 * len(ids)) :].long()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -53,7 +53,7 @@ def _whole_split_loss(checkpoint: Path, corpus: Path, block_size: int) -> tuple[
 
 
 def test_fixed_windows_len_counts_the_short_last_batch(corpus: Path) -> None:
-    ids = CharTokenizer.from_text(corpus.read_text())[1][:1000]
+    ids = tokenize(corpus.read_text())[1][:1000]
     for world_size in (1, 2):
         for rank in range(world_size):
             windows = FixedWindows(ids, 16, None, 7, rank, world_size)
@@ -83,7 +83,7 @@ def test_whole_split_validation_under_the_trainer_scores_every_target(
 
 
 def test_too_few_validation_windows_for_the_ranks_is_one_error(corpus: Path) -> None:
-    ids = CharTokenizer.from_text(corpus.read_text())[1]
+    ids = tokenize(corpus.read_text())[1]
     with pytest.raises(LitGPTCharError, match="validation has 1 window\\(s\\) for 2 processes"):
         FixedWindows(ids, 16, 1, 32, 0, 2)
     assert len(FixedWindows(ids, 16, 2, 32, 1, 2)) == 1  # one each is enough
