@@ -8,8 +8,6 @@ LitGPTCLI (cli.py) overrides LightningCLI's ``_add_subcommands`` and ``_parse_ck
 them.
 """
 
-from __future__ import annotations
-
 from argparse import Action, ArgumentParser
 from typing import Any
 

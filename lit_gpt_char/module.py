@@ -5,8 +5,6 @@ step computes. The checkpoint's hyperparameters hold the vocabulary and the mode
 values, so a model can be rebuilt from the checkpoint file alone (``LitGPT.load_from_checkpoint``).
 """
 
-from __future__ import annotations
-
 import math
 from dataclasses import asdict
 from typing import Any, Literal, Optional, Union

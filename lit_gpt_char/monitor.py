@@ -1,8 +1,6 @@
 """What a person watching a run looks at beside the losses: throughput (tokens/s, MFU), train vs val in one chart, and
 a progress bar that reads right after a resume."""
 
-from __future__ import annotations
-
 import math
 import time
 from typing import Any

@@ -1,8 +1,6 @@
 """RunPolicy: how every fit guards itself and stays exact (divergence, optimizer steps as the unit, per-rank random
 streams). Not a user's choice, so not a CLI callback: LitGPT.configure_callbacks adds it to every Trainer."""
 
-from __future__ import annotations
-
 import math
 from typing import Any, Optional
 

@@ -1,7 +1,5 @@
 """Ctrl-C and SIGTERM during fit: finish the optimizer step under way, save, and say how to resume."""
 
-from __future__ import annotations
-
 import signal
 import sys
 import threading
