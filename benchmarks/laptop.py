@@ -53,14 +53,15 @@ NANOGPT_ARGS = [
 LAPTOP, QUICK = "configs/laptop.yaml", "configs/laptop_quick.yaml"
 
 # the sweep of 2026-11-24 (benchmarks/RESULTS.md), as overrides of the laptop.yaml of that day (NOV24, restored from
-# today's): 1200 steps of 32 windows of 64, Muon 0.02, AdamW 3e-3, cosine, 4 evaluations, a sample every 600 steps
+# today's): 1200 steps of 32 windows of 64, Muon 0.02, AdamW 3e-3, cosine, 4 evaluations, a sample every 600
+# steps, gradients clipped at 1.0
 W128 = ["--model.config.n_embd", "128", "--model.config.n_head", "4"]
 W96 = ["--model.config.n_embd", "96", "--model.config.n_head", "3"]
 ADAMW = ["--model.optimizer", "adamw"]  # the sweep's AdamW rows (laptop.yaml itself uses Muon)
 NOV24 = [
     "--trainer.max_steps", "1200", "--trainer.val_check_interval", "300", "--model.muon_lr", "0.02",
     "--model.learning_rate", "3e-3", "--model.lr_schedule", "cosine", "--data.block_size", "64",
-    "--data.batch_size", "32", "--sampling.every_n_steps", "600",
+    "--data.batch_size", "32", "--sampling.every_n_steps", "600", "--trainer.gradient_clip_val", "1.0",
 ]  # fmt: skip
 
 
@@ -80,6 +81,7 @@ def _nov24(name: str, overrides: list[str]) -> tuple[str, str, list[str]]:
 WSD = ["--model.lr_schedule", "wsd", "--model.cooldown_fraction"]
 C23 = [*_steps(1200), *WSD, "0.5", "--model.muon_lr", "0.04", "--model.learning_rate", "6e-3"]
 T128 = ["--data.block_size", "128", "--data.batch_size", "16"]
+NOCLIP = ["--trainer.gradient_clip_val", "null"]
 
 # (name, config, overrides): the recipes `--sweep` runs, each once
 SWEEP: list[tuple[str, str, list[str]]] = [
@@ -145,7 +147,12 @@ SWEEP: list[tuple[str, str, list[str]]] = [
     ),  # fmt: skip
     _nov24("... AdamW 4e-3", [*C23, *T128, *_steps(1400), "--model.learning_rate", "4e-3"]),
     _nov24("... cooling over the last 65%", [*C23, *T128, *_steps(1400), *WSD, "0.65"]),
-    ("laptop.yaml (C23, windows of 128, batch 16, 1500 steps)", LAPTOP, []),
+    _nov24("C23, windows of 128, batch 16, 1450 steps", [*C23, *T128, *_steps(1450)]),
+    _nov24("C23, windows of 128, batch 16, 1500 steps", [*C23, *T128, *_steps(1500)]),
+    _nov24("... cooling over the last 40%", [*C23, *T128, *_steps(1500), *WSD, "0.4"]),
+    _nov24("... no gradient clipping", [*C23, *T128, *_steps(1500), *NOCLIP]),
+    ("laptop.yaml, 1300 steps", LAPTOP, _steps(1300)),
+    ("laptop.yaml (C23, windows of 128, batch 16, no clipping, 1400 steps)", LAPTOP, []),
     # the short recipe: overrides of laptop_quick.yaml (300 steps of 24 windows of 64, a 30-step warmup)
     ("quick: 150 steps of 32, 10 warmup", QUICK, _quick(150, 32)),
     ("... Muon 0.06, AdamW 1e-2", QUICK, _quick(150, 32, "--model.muon_lr", "0.06", "--model.learning_rate", "1e-2")),
@@ -163,6 +170,8 @@ SWEEP: list[tuple[str, str, list[str]]] = [
         [*_steps(270), "--model.muon_lr", "0.03", "--model.learning_rate", "5e-3"],
     ),
     ("... 270 steps, 50 warmup", QUICK, [*_steps(270), "--model.warmup_steps", "50"]),
+    ("laptop_quick.yaml, no gradient clipping", QUICK, NOCLIP),
+    ("... 260 steps", QUICK, [*NOCLIP, *_steps(260)]),
 ]
 
 
