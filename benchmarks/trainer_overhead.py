@@ -50,7 +50,8 @@ def _sync(device: torch.device) -> None:
 
 class StepTimer(Callback):
     """Writes to ``out`` (rank 0) the wall time per step of the steps after the warm-up, from the start of step
-    WARMUP to the end of the last."""
+    WARMUP to the end of the last batch (what fit does after it, the last checkpoint and the end of the logs, is
+    outside the loop the plain path times)."""
 
     def __init__(self, out: str) -> None:
         self.out = out
@@ -61,11 +62,12 @@ class StepTimer(Callback):
             _sync(trainer.strategy.root_device)
             self.start = time.perf_counter()
 
-    def on_train_end(self, trainer: Trainer, *args: object) -> None:
-        _sync(trainer.strategy.root_device)
-        seconds = (time.perf_counter() - self.start) / (trainer.global_step - WARMUP)
-        if trainer.is_global_zero:
-            Path(self.out).write_text(json.dumps(seconds))
+    def on_train_batch_end(self, trainer: Trainer, *args: object) -> None:
+        if trainer.global_step == trainer.max_steps:
+            _sync(trainer.strategy.root_device)
+            seconds = (time.perf_counter() - self.start) / (trainer.global_step - WARMUP)
+            if trainer.is_global_zero:
+                Path(self.out).write_text(json.dumps(seconds))
 
 
 def _options(config: str, steps: int, devices: int, overrides: list[str]) -> list[str]:
@@ -158,7 +160,10 @@ def plain_loop(options: list[str], steps: int, out: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out).write_text(json.dumps(seconds))
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        # out now, without tearing down: freeing the DDP reducer destroys the gloo group while the main thread holds
+        # the GIL, and a gloo worker thread finishing the last all-reduce waits for the GIL: a deadlock (seen here)
+        torch.distributed.barrier()
+        os._exit(0)
 
 
 def measure(config: str, steps: int, repeats: int, overrides: list[str], devices: int = 1) -> dict[str, object]:
