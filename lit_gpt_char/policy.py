@@ -23,8 +23,8 @@ class RunPolicy(Callback):
       is written after it. In one process on a CPU the check is free and comes before the backward pass, so the
       weights stay good. Elsewhere a per-step check would cost a sync every step (an accelerator's host waits for the
       step to finish; DDP's ranks must agree, one all-reduce), so the first bad step is kept on the device and
-      checked (one sync, over all ranks) at each log step, before every evaluation and before every checkpoint is
-      written: fit stops at most ``log_every_n_steps`` steps after the bad one, every rank at the same point.
+      checked (one sync, over all ranks) at each log step and the last step, before every evaluation, sample and
+      checkpoint: fit stops at most ``log_every_n_steps`` steps after the bad one, every rank at the same point.
     - Optimizer steps are the unit. With gradient accumulation over k batches an integer ``val_check_interval`` N
       means every N optimizer steps (Lightning counts batches), so evaluations and their checkpoints fall between
       steps, never inside an accumulation window. Lightning's logging counter is kept at the optimizer step: after a
@@ -56,11 +56,6 @@ class RunPolicy(Callback):
     def _checks_on_host(trainer: Trainer, loss: torch.Tensor) -> bool:
         return loss.device.type == "cpu" and trainer.world_size == 1
 
-    def first_bad_step(self) -> Optional[int]:
-        """The first step with a non-finite loss on this rank, or None (one host sync on an accelerator)."""
-        step = None if self._first_bad is None else int(self._first_bad)
-        return None if step == _NO_BAD_STEP else step
-
     def check_finite(self, trainer: Trainer) -> None:
         """Raise if a training loss so far was not finite on any rank (call it on every rank alike)."""
         if self._first_bad is None:
@@ -82,9 +77,11 @@ class RunPolicy(Callback):
             self.check_finite(trainer)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
-        every = trainer.log_every_n_steps
-        if self._first_bad is not None and every and trainer.global_step % every == 0 and not accumulating(trainer):
-            self.check_finite(trainer)
+        # at log steps (every step without logging), and at the last step: fit ends after this batch
+        step, last = trainer.global_step, trainer.global_step == trainer.max_steps
+        if self._first_bad is not None and (step % (trainer.log_every_n_steps or 1) == 0 or last):
+            if not accumulating(trainer):
+                self.check_finite(trainer)
 
     # ---- optimizer steps as the unit ----
 

@@ -86,15 +86,25 @@ class SampleTextCallback(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
         step, every = trainer.global_step, self.every_n_steps
-        if not trainer.is_global_zero or not every or step % every or accumulating(trainer):
+        if not every or step % every or accumulating(trainer):
             return  # due at the batch that stepped the optimizer: once per step, none at the step resumed from
-        # a diverged model is not sampled (rank 0 alone must not raise); RunPolicy's own check stops the run
-        if all(c.first_bad_step() is None for c in trainer.callbacks if isinstance(c, RunPolicy)):
+        _check_finite(trainer)
+        if trainer.is_global_zero:
             self._publish(trainer, self.sample(pl_module, self.max_new_tokens), "samples")
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.final_max_new_tokens and trainer.is_global_zero:
-            self._publish(trainer, self.sample(pl_module, self.final_max_new_tokens), "samples/final")
+        if self.final_max_new_tokens:
+            _check_finite(trainer)
+            if trainer.is_global_zero:
+                self._publish(trainer, self.sample(pl_module, self.final_max_new_tokens), "samples/final")
+
+
+def _check_finite(trainer: Trainer) -> None:
+    """A diverged model is not sampled: where RunPolicy checks only at log steps (under DDP, on an accelerator),
+    another rank's bad step may have made this rank's weights NaN already. Every rank calls it (a collective)."""
+    for policy in trainer.callbacks:
+        if isinstance(policy, RunPolicy):
+            policy.check_finite(trainer)
 
 
 def sample(

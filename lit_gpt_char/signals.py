@@ -26,10 +26,10 @@ class InterruptCheckpoint(Callback):
     accumulation window. The flag is read at the end of each batch that stepped the optimizer and at the end of each
     evaluation; then Lightning's own SIGTERM stop ends fit after that batch, once the evaluation and checkpoints due at
     the step are done, and this callback saves. Under DDP the ranks must agree on it (one all-reduce), so every rank
-    stops at the same step: they do at each log step (``log_every_n_steps``) and at the end of each evaluation, not
-    every step, so a job stops at most ``log_every_n_steps`` steps after the signal. A second Ctrl-C stops at once and
-    saves nothing. Other exceptions save nothing: the state may be the cause (a diverged model), and the last
-    checkpoint written by ModelCheckpoint stays.
+    stops at the same step: they do at each log step (``log_every_n_steps``), at the last step and at the end of
+    each evaluation, not every step, so a job stops at most ``log_every_n_steps`` steps after the signal. A second
+    Ctrl-C stops at once and saves nothing. Other exceptions save nothing: the state may be the cause (a diverged
+    model), and the last checkpoint written by ModelCheckpoint stays.
     """
 
     _signal: Optional[int] = None  # the first signal received while training
@@ -61,8 +61,8 @@ class InterruptCheckpoint(Callback):
         if trainer.world_size == 1:
             if self._signal is None:  # one process decides alone: nothing to agree on, so nothing to do
                 return
-        elif trainer.global_step % (trainer.log_every_n_steps or 1):  # the ranks agree at log steps only
-            return
+        elif trainer.global_step % (trainer.log_every_n_steps or 1) and trainer.global_step != trainer.max_steps:
+            return  # the ranks agree at log steps, and at the last step (before the final sample and save)
         # only once a whole optimizer step is done, and after the evaluation due at it (Lightning's stop would cut
         # that evaluation short): then on_validation_end decides
         if not accumulating(trainer) and not evaluation_follows(trainer):

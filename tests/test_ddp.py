@@ -79,32 +79,44 @@ def test_ddp_resume_continues_each_ranks_stream(corpus: Path, tmp_path: Path) ->
         assert resumed[rank]["global_step"] == 30
 
 
-def test_ddp_divergence_on_one_rank_stops_every_rank(corpus: Path, tmp_path: Path) -> None:
-    """A NaN on rank 1 alone: both ranks stop at that step with the error, nobody hangs in a collective."""
+@pytest.mark.parametrize(("at_step", "last_step"), [(15, 19), (9, 9)])
+def test_ddp_divergence_on_one_rank_stops_every_rank(
+    corpus: Path, tmp_path: Path, at_step: int, last_step: int
+) -> None:
+    """A NaN on rank 1 alone: both ranks stop with the error naming its step, nobody hangs in a collective, nothing is
+    written after it. No all-reduce every step under DDP: the ranks agree at the next log step (every 5 in TINY), so
+    the cost of the delay is the steps until it (a NaN at 15: 16 to 19 ran, the check after step 20's batch stopped
+    both ranks), and before a sample (at 10: the NaN at 9, averaged into rank 0's weights too, is never sampled)."""
     work = tmp_path / "work"
     work.mkdir()
-    nan = ["--trainer.callbacks+=tests.probes.InjectNaN", "--trainer.callbacks.at_step", "15"]
+    nan = ["--trainer.callbacks+=tests.probes.InjectNaN", "--trainer.callbacks.at_step", str(at_step)]
     nan += ["--trainer.callbacks.rank", "1", "--trainer.callbacks.out_dir", str(tmp_path / "probe")]
     args = ["fit", *TINY, *DDP, "--data.path", str(corpus), *nan]
     result = run_subprocess(args, cwd=work, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.count("error: training diverged: the loss is not finite at step 15") == 2
-    # no all-reduce every step under DDP: the ranks agree at the next log step (every 5 steps in TINY), so the cost of
-    # the delay is the steps until it: 16 to 19 ran, and the check after step 20's batch stopped both ranks
+    assert result.stderr.count(f"error: training diverged: the loss is not finite at step {at_step}") == 2
     last_steps = [json.loads((tmp_path / "probe" / f"last_step{rank}.json").read_text()) for rank in (0, 1)]
-    assert last_steps == [19, 19]
-    assert torch.load(work / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == 10
+    assert last_steps == [last_step, last_step]
+    last = work / "checkpoints" / "version_0" / "last.ckpt"
+    if at_step > 10:
+        assert torch.load(last, weights_only=True)["global_step"] == 10
+    else:
+        assert not last.exists()
 
 
-def test_ddp_a_signal_to_one_rank_stops_every_rank_at_the_next_log_step(corpus: Path, tmp_path: Path) -> None:
-    """SIGTERM to rank 1 alone during step 12: the ranks agree on stopping at log steps (every 5 in TINY), not with an
-    all-reduce every step, so the cost of the delay is the steps until the next one: both ranks finish step 15, the
-    run saves it and says how to resume."""
+@pytest.mark.parametrize(("at_step", "max_steps", "stopped_at"), [(11, 20, 15), (16, 18, 18)])
+def test_ddp_a_signal_to_one_rank_stops_every_rank_at_the_next_log_step(
+    corpus: Path, tmp_path: Path, at_step: int, max_steps: int, stopped_at: int
+) -> None:
+    """SIGTERM to rank 1 alone: the ranks agree on stopping at log steps (every 5 in TINY) and at the last step, not
+    with an all-reduce every step, so the cost of the delay is the steps until the next one (a signal during step 12:
+    both ranks finish step 15); a signal after the last log step still stops the job, at its last step (before the
+    final sample), and the run saves it and says how to resume."""
     work = tmp_path / "work"
     work.mkdir()
-    stop = ["--trainer.callbacks+=tests.probes.SendSignal", "--trainer.callbacks.at_step", "11"]
+    stop = ["--trainer.callbacks+=tests.probes.SendSignal", "--trainer.callbacks.at_step", str(at_step)]
     args = ["fit", *TINY, *DDP, "--data.path", str(corpus), *stop, "--trainer.callbacks.rank", "1"]
-    result = run_subprocess(args, cwd=work, timeout=120)
+    result = run_subprocess([*args, "--trainer.max_steps", str(max_steps)], cwd=work, timeout=120)
     assert result.returncode == 143, result.stderr[-3000:]
-    assert "interrupted by SIGTERM after step 15: saved checkpoints/version_0/last.ckpt" in result.stderr
-    assert torch.load(work / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == 15
+    assert f"interrupted by SIGTERM after step {stopped_at}: saved checkpoints/version_0/last.ckpt" in result.stderr
+    assert torch.load(work / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == stopped_at
