@@ -193,6 +193,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, nargs="+", default=[1], help="one table each: 1, or N DDP processes")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # the plain loop's own process: write its result here
     args = parser.parse_args(argv)
+    if args.steps <= WARMUP:
+        parser.error(f"--steps must be more than the {WARMUP} warm-up steps")
     if args.worker:
         return plain_loop(_options(args.config, args.steps, 1, []) + overrides, args.steps, args.worker)
 
