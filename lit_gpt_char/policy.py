@@ -16,6 +16,13 @@ from lit_gpt_char.internals import accumulating, set_logging_step
 _NO_BAD_STEP = 2**62  # "no non-finite loss yet" in the device-side record of the first bad step
 
 
+def sync_due(trainer: Trainer) -> bool:
+    """Whether a check that syncs (the ranks' agreement, a GPU's host waiting) is due at the batch that just ended:
+    at log steps (every step without logging) and at the last step, after which fit ends."""
+    step = trainer.global_step
+    return step % (trainer.log_every_n_steps or 1) == 0 or step == trainer.max_steps
+
+
 class RunPolicy(Callback):
     """How a run guards itself and stays exact.
 
@@ -77,11 +84,8 @@ class RunPolicy(Callback):
             self.check_finite(trainer)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
-        # at log steps (every step without logging), and at the last step: fit ends after this batch
-        step, last = trainer.global_step, trainer.global_step == trainer.max_steps
-        if self._first_bad is not None and (step % (trainer.log_every_n_steps or 1) == 0 or last):
-            if not accumulating(trainer):
-                self.check_finite(trainer)
+        if self._first_bad is not None and sync_due(trainer) and not accumulating(trainer):
+            self.check_finite(trainer)
 
     # ---- optimizer steps as the unit ----
 

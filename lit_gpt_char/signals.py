@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lit_gpt_char.checkpoints import last_checkpoint
 from lit_gpt_char.errors import shown
 from lit_gpt_char.internals import accumulating, evaluation_follows, saved_step, set_sigterm
+from lit_gpt_char.policy import sync_due
 
 _SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
@@ -61,7 +62,7 @@ class InterruptCheckpoint(Callback):
         if trainer.world_size == 1:
             if self._signal is None:  # one process decides alone: nothing to agree on, so nothing to do
                 return
-        elif trainer.global_step % (trainer.log_every_n_steps or 1) and trainer.global_step != trainer.max_steps:
+        elif not sync_due(trainer):
             return  # the ranks agree at log steps, and at the last step (before the final sample and save)
         # only once a whole optimizer step is done, and after the evaluation due at it (Lightning's stop would cut
         # that evaluation short): then on_validation_end decides
