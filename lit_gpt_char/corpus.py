@@ -97,12 +97,17 @@ class Corpus:
         return self._hash(FORMAT, [[f.name, *f.version] for f in self.files])
 
 
+def _unusable(what: str) -> LitGPTCharError:
+    """The error of a corpus that cannot be used: ``what`` is wrong, and what to pass instead."""
+    return LitGPTCharError(f"{what}; pass --data.path a text file or a folder of them")
+
+
 def single_file(path: Path, sha256: Optional[str] = None, kind: str = "file") -> Corpus:
     try:
         st = path.stat()
     except OSError as err:
         why = "does not exist" if isinstance(err, FileNotFoundError) else f"cannot be read ({err.strerror})"
-        raise LitGPTCharError(f"corpus path {path} {why}; pass --data.path a text file or a folder of them") from None
+        raise _unusable(f"corpus path {path} {why}") from None
     if not path.is_file():  # a pipe is read once (or waits for a writer forever), /dev/zero never ends
         raise LitGPTCharError(
             f"corpus file {path} is not a regular file (a pipe or a device can be read only once, or never ends); "
@@ -142,10 +147,7 @@ def directory(root: Path, glob: Optional[str], separator: str, strict: bool, exc
                 if glob is None or glob_match(glob, rel):
                     found.append(_source(path, rel, path.stat()))
     if listed == 0:
-        raise LitGPTCharError(
-            f"corpus directory {root} has no files (names starting with '.' are skipped); "
-            f"pass --data.path a text file or a folder of them"
-        )
+        raise _unusable(f"corpus directory {root} has no files (names starting with '.' are skipped)")
     if not found:
         raise LitGPTCharError(
             f"no file under corpus directory {root} matches --data.glob {glob!r} ({listed} files there); "
@@ -159,12 +161,7 @@ def directory(root: Path, glob: Optional[str], separator: str, strict: bool, exc
 
 
 class _NotText(Exception):
-    """A file that is not UTF-8 text (``offset``: where) or cannot be read (``offset`` -1); ``one``: the message for
-    a corpus of one file, ``str()``: for a file of a directory."""
-
-    def __init__(self, offset: int, what: str) -> None:
-        super().__init__(f"unreadable ({what})" if offset < 0 else f"{what} at byte offset {offset}")
-        self.one = f"cannot be read ({what})" if offset < 0 else f"is not UTF-8 text (invalid byte at offset {offset})"
+    """A file that is not UTF-8 text or cannot be read; the message says where, or why."""
 
 
 def _texts(file: SourceFile, gz: bool, forbid_nul: bool) -> Iterator[tuple[bytes, str]]:
@@ -177,15 +174,15 @@ def _texts(file: SourceFile, gz: bool, forbid_nul: bool) -> Iterator[tuple[bytes
                 try:
                     text = decoder.decode(data, final=not data)
                 except UnicodeDecodeError as err:  # err.start counts from the bytes the decoder held
-                    raise _NotText(offset - held + err.start, "an invalid UTF-8 byte") from None
+                    raise _NotText(f"an invalid UTF-8 byte at byte offset {offset - held + err.start}") from None
                 if forbid_nul and (i := data.find(b"\0")) >= 0:  # in a folder, a NUL byte marks a binary
-                    raise _NotText(offset + i, "a NUL byte")
+                    raise _NotText(f"a NUL byte at byte offset {offset + i}")
                 if not data:
                     return
                 yield data, text
                 offset += len(data)
     except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
-        raise _NotText(-1, getattr(err, "strerror", None) or str(err)) from None
+        raise _NotText(f"unreadable: {getattr(err, 'strerror', None) or err}") from None
 
 
 def _points(text: str, known: bytes = b"") -> np.ndarray:
@@ -219,9 +216,7 @@ def _scan(corpus: Corpus, bar: tqdm) -> tuple[list[SourceFile], dict]:
                 bar.update(len(data))
         except _NotText as err:
             if not is_dir:
-                raise LitGPTCharError(
-                    f"corpus {corpus.label} {err.one}; pass a UTF-8 text file with --data.path"
-                ) from None
+                raise _unusable(f"corpus {corpus.label} is not UTF-8 text: {err}") from None
             if corpus.strict:
                 raise LitGPTCharError(
                     f"file {file.name} in corpus directory {corpus.root} is not UTF-8 text: {err} "
@@ -232,11 +227,6 @@ def _scan(corpus: Corpus, bar: tqdm) -> tuple[list[SourceFile], dict]:
         seen |= mine
         texts.append(file)
         tokens, size = tokens + n, size + b
-    if is_dir and not texts:
-        raise LitGPTCharError(
-            f"none of the {len(corpus.files)} files under corpus directory {corpus.root} is UTF-8 text "
-            f"({'; '.join(skipped[:3])})"
-        )
     if hasher is not None and (got := hasher.hexdigest()) != corpus.sha256:
         fix = "reinstall lit_gpt_char" if gz else "delete it to download it again"
         raise LitGPTCharError(
@@ -246,8 +236,9 @@ def _scan(corpus: Corpus, bar: tqdm) -> tuple[list[SourceFile], dict]:
     if len(texts) > 1:
         seen[[ord(c) for c in corpus.separator]] = True
         tokens += len(corpus.separator) * (len(texts) - 1)
-    if tokens == 0:
-        raise LitGPTCharError(f"corpus {corpus.label} is empty; pass a UTF-8 text file with --data.path")
+    if tokens == 0:  # every file empty or, in a directory, not UTF-8 text
+        not_text = f" (skipped, not UTF-8 text: {', '.join(skipped[:3])})" if skipped else ""
+        raise _unusable(f"corpus {corpus.label} is empty{not_text}")
     vocab = "".join(map(chr, np.flatnonzero(seen).tolist()))
     return texts, dict(
         fingerprint=corpus.fingerprint,

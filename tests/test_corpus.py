@@ -267,7 +267,9 @@ def test_a_single_file_that_is_not_utf8_is_an_error(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(corpus_module, "CHUNK", 4096)
     path = tmp_path / "c.txt"
     path.write_bytes(make_text(10_000).encode() + b"\xc3(")  # 10,001 characters, then a broken one
-    with pytest.raises(LitGPTCharError, match=r"corpus file .*c.txt is not UTF-8 text \(invalid byte at offset 10001"):
+    with pytest.raises(
+        LitGPTCharError, match=r"corpus file .*c.txt is not UTF-8 text: an invalid UTF-8 byte at byte offset 10001"
+    ):
         ShakespeareDataModule(path=str(path), cache_dir=str(tmp_path / "cache")).prepare_data()
     assert not (tmp_path / "cache").exists()
 
@@ -278,7 +280,7 @@ def test_a_single_file_that_is_not_utf8_is_an_error(tmp_path: Path, monkeypatch:
         ({}, {}, "has no files"),
         ({".only-hidden": "x"}, {}, "has no files"),
         ({"a.txt": "x"}, {"glob": "*.c"}, r"no file under corpus directory .* matches --data.glob '\*.c' \(1 files"),
-        ({"a.bin": b"\xff", "b.bin": b"\x00"}, {}, "none of the 2 files under corpus directory .* is UTF-8 text"),
+        ({"a.bin": b"\xff", "b.bin": b"\x00"}, {}, r"corpus directory .* is empty \(skipped, not UTF-8 text: a.bin"),
         ({"a.txt": "", "b.txt": ""}, {"separator": ""}, "is empty"),
     ],
 )
