@@ -299,22 +299,18 @@ class TokenStore:
         self._map.madvise(mmap.MADV_DONTNEED)
 
 
-def _read_valid(entry: Path, corpus: Corpus) -> tuple[Optional[dict], Optional[str]]:
-    """(metadata, None) for a usable cache; (None, why) otherwise, why None when nothing is damaged."""
+def _cached(entry: Path, corpus: Corpus) -> tuple[Optional[dict], str]:
+    """The metadata of a usable cache entry, or None and why it is rebuilt ("" when there was none)."""
     try:
         meta = json.loads((entry / META).read_text(encoding="utf-8"))
         if meta["fingerprint"] != corpus.fingerprint:
-            return None, None  # the corpus changed (or the cache's format)
-        tokens, itemsize, size = int(meta["tokens"]), np.dtype(meta["dtype"]).itemsize, (entry / IDS).stat().st_size
-    except FileNotFoundError as err:  # no metadata (nothing built, or a build died) or no ids: damaged if one is there
-        missing, other = (META, IDS) if err.filename.endswith(META) else (IDS, META)
-        return None, f"has {other} but no {missing}" if (entry / other).exists() else None
-    except (ValueError, KeyError, TypeError, OSError):
-        return None, f"has unreadable metadata ({META})"
-    if size != tokens * itemsize or tokens == 0:
-        expected = f"{tokens:,} × {itemsize} = {tokens * itemsize:,}"
-        return None, f"is damaged: {IDS} has {size:,} bytes, its metadata says {expected}"
-    return meta, None
+            return None, "the corpus changed since it was cached"
+        if (entry / IDS).stat().st_size == meta["tokens"] * np.dtype(meta["dtype"]).itemsize:
+            return meta, ""
+    except (OSError, ValueError, KeyError, TypeError):  # no metadata or no ids (nothing built, or a build died)
+        pass
+    sizes = [f"{name} {(entry / name).stat().st_size:,} bytes" for name in (IDS, META) if (entry / name).exists()]
+    return None, f"the cache was damaged: {', '.join(sizes)}" if sizes else ""
 
 
 def open_store(corpus: Corpus, cache_dir: Path, say: Callable[[str], None] = SAY) -> TokenStore:
@@ -324,7 +320,7 @@ def open_store(corpus: Corpus, cache_dir: Path, say: Callable[[str], None] = SAY
     no trace, then writes under the entry's lock; a preparer that waited for the lock finds the cache built.
     """
     entry = cache_dir / corpus.key
-    if (meta := _read_valid(entry, corpus)[0]) is not None:  # metadata is renamed into place last: no lock needed
+    if (meta := _cached(entry, corpus)[0]) is not None:  # metadata is renamed into place last: no lock needed
         return TokenStore(entry, meta)
     start, n = time.perf_counter(), 2 * sum(f.version[0] for f in corpus.files)
     with tqdm(total=n, desc=f"tokenizing {corpus.label}", unit="B", unit_scale=True, leave=False, disable=None) as bar:
@@ -341,12 +337,9 @@ def open_store(corpus: Corpus, cache_dir: Path, say: Callable[[str], None] = SAY
                     held = lock.acquire()
             with held:
                 try:
-                    found, damaged = _read_valid(entry, corpus)
+                    found, why = _cached(entry, corpus)
                     if found is not None:
                         return TokenStore(entry, found)
-                    if damaged:
-                        say(f"corpus cache {entry} {damaged}: rebuilding it")
-                    changed = (entry / META).exists() and not damaged
                     _write(corpus, texts, meta, entry, bar)
                 finally:  # no partial ids file (GBs) stays: of this build (a full disk, a changed corpus, Ctrl-C), or
                     # of builds that died (only the holder of the lock writes any; a build renames its own into place)
@@ -359,15 +352,14 @@ def open_store(corpus: Corpus, cache_dir: Path, say: Callable[[str], None] = SAY
             ) from None
     mb, seconds, skipped = meta["bytes"] / 1e6, time.perf_counter() - start, meta["skipped"]
     files = f"{meta['files']:,} file{'s' * (meta['files'] != 1)}, " if corpus.kind == "directory" else ""
-    why = " again (the corpus changed since it was cached)" if changed else ""
     say(
-        f"tokenized {corpus.label}{why}: {files}{mb:,.1f} MB in {seconds:.2f} s ({mb / max(seconds, 1e-9):,.0f} MB/s), "
-        f"{meta['tokens']:,} characters, vocabulary {len(meta['vocab']):,}, {meta['dtype']} ids in {entry}"
+        f"tokenized {corpus.label}{f' again ({why})' if why else ''}: {files}{mb:,.1f} MB in {seconds:.2f} s "
+        f"({mb / max(seconds, 1e-9):,.0f} MB/s), {meta['tokens']:,} characters, vocabulary {len(meta['vocab']):,}, "
+        f"{meta['dtype']} ids in {entry}"
     )
     if skipped:
-        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         say(
             f"skipped {len(skipped)} of {len(corpus.files)} files under {corpus.root} that are not UTF-8 text: "
-            f"{', '.join(skipped[:3])}{more}; --data.strict true makes this an error"
+            f"{', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}; --data.strict true makes this an error"
         )
     return TokenStore(entry, meta)
