@@ -137,22 +137,16 @@ def glob_match(pattern: str, path: str) -> bool:
 def directory(root: Path, glob: Optional[str], separator: str, strict: bool, exclude: Path) -> Corpus:
     """Every regular file under ``root`` (recursively; names starting with "." skipped, as are ``exclude``
     and what is under it), sorted by relative path, those matching ``glob`` if given."""
-    skip, found, listed = exclude.resolve(), [], 0
+    skip, found = exclude.resolve(), []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and Path(dirpath, d).resolve() != skip]
         for path in (Path(dirpath, name) for name in filenames if not name.startswith(".")):
-            if path.is_file():  # a regular file, or a link to one
-                listed += 1
-                rel = path.relative_to(root).as_posix()
-                if glob is None or glob_match(glob, rel):
-                    found.append(_source(path, rel, path.stat()))
-    if listed == 0:
-        raise _unusable(f"corpus directory {root} has no files (names starting with '.' are skipped)")
+            rel = path.relative_to(root).as_posix()
+            if path.is_file() and (glob is None or glob_match(glob, rel)):  # a regular file, or a link to one
+                found.append(_source(path, rel, path.stat()))
     if not found:
-        raise LitGPTCharError(
-            f"no file under corpus directory {root} matches --data.glob {glob!r} ({listed} files there); "
-            f"a pattern without '/' matches file names at any depth, e.g. '*.txt'"
-        )
+        matching = f" matching --data.glob {glob!r} (without '/': file names at any depth)" if glob else ""
+        raise _unusable(f"corpus directory {root} has no files{matching} (names starting with '.' are skipped)")
     found.sort(key=lambda f: f.name.split("/"))
     return Corpus("directory", root, found, separator, glob, strict=strict)
 
@@ -229,10 +223,7 @@ def _scan(corpus: Corpus, bar: tqdm) -> tuple[list[SourceFile], dict]:
         tokens, size = tokens + n, size + b
     if hasher is not None and (got := hasher.hexdigest()) != corpus.sha256:
         fix = "reinstall lit_gpt_char" if gz else "delete it to download it again"
-        raise LitGPTCharError(
-            f"{corpus.label} has sha256 {got}, expected {corpus.sha256}: it is damaged or not the expected text; "
-            f"{fix}, or pass --data.path FILE for your own text"
-        )
+        raise _unusable(f"{corpus.label} has sha256 {got}, expected {corpus.sha256} (damaged, or another text): {fix}")
     if len(texts) > 1:
         seen[[ord(c) for c in corpus.separator]] = True
         tokens += len(corpus.separator) * (len(texts) - 1)

@@ -279,7 +279,7 @@ def test_a_single_file_that_is_not_utf8_is_an_error(tmp_path: Path, monkeypatch:
     [
         ({}, {}, "has no files"),
         ({".only-hidden": "x"}, {}, "has no files"),
-        ({"a.txt": "x"}, {"glob": "*.c"}, r"no file under corpus directory .* matches --data.glob '\*.c' \(1 files"),
+        ({"a.txt": "x"}, {"glob": "*.c"}, r"corpus directory .* has no files matching --data.glob '\*.c'"),
         ({"a.bin": b"\xff", "b.bin": b"\x00"}, {}, r"corpus directory .* is empty \(skipped, not UTF-8 text: a.bin"),
         ({"a.txt": "", "b.txt": ""}, {"separator": ""}, "is empty"),
     ],
@@ -547,7 +547,7 @@ def test_cli_directory_corpus_and_its_errors(tmp_path: Path, workdir: Path, caps
     assert run_main(["fit", *TINY, "--data.path", str(root), "--data.glob", "*.txt"]) == 0
     assert "tokenized directory" in capsys.readouterr().out
     for extra, message in (
-        (["--data.glob", "*.c"], "matches --data.glob"),
+        (["--data.glob", "*.c"], "has no files matching --data.glob"),
         (["--data.strict", "true"], "file logo.png in corpus directory"),
     ):
         assert run_main(["fit", *TINY, "--data.path", str(root), *extra]) == 2
