@@ -58,15 +58,11 @@ def download(url: str, dest: Path, sha256: Optional[str]) -> None:
     socket.setdefaulttimeout(60)  # torch.hub sets none: a stalled server would hang the run
     try:
         torch.hub.download_url_to_file(url, str(dest), hash_prefix=sha256, progress=False)
-    except RuntimeError:  # the hash
+    except (RuntimeError, OSError, ValueError) as err:  # RuntimeError: the sha256; urllib's URLError is an OSError
+        why = f"sha256 is not the expected {sha256}" if isinstance(err, RuntimeError) else getattr(err, "reason", err)
         raise LitGPTCharError(
-            f"the file downloaded from {url} does not have the sha256 expected {sha256}; nothing was saved. "
-            f"Check --data.url, or pass --data.sha256 null to skip the check"
-        ) from None
-    except (OSError, ValueError) as err:  # urllib's URLError is an OSError
-        raise LitGPTCharError(
-            f"could not download the corpus from {url} ({getattr(err, 'reason', None) or err}). Put the file at "
-            f"{dest}, or pass --data.path FILE to train on a local text file, or --data.url URL for another source"
+            f"could not download the corpus from {url} ({why}); nothing was saved. Put the file at {dest}, or pass "
+            f"--data.path FILE (a local text file), --data.url URL (another source) or --data.sha256 null (no check)"
         ) from None
     finally:
         socket.setdefaulttimeout(timeout)
