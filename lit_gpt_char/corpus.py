@@ -23,6 +23,7 @@ not have the size its metadata records is rebuilt, with a line saying so.
 """
 
 import codecs
+import contextlib
 import fnmatch
 import functools
 import gzip
@@ -52,6 +53,8 @@ PACKAGED_TINY_SHAKESPEARE = Path(__file__).resolve().parent / "corpora" / "tinys
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 SAY = functools.partial(print, flush=True)
+# where flock fails (NFS without its lock service, Lustre's noflock), filelock uses a lock file: fine, as it says
+warnings.filterwarnings("ignore", "flock not supported", UserWarning)
 
 # ---- what to tokenize ----
 
@@ -109,10 +112,7 @@ def single_file(path: Path, sha256: Optional[str] = None, kind: str = "file") ->
         why = "does not exist" if isinstance(err, FileNotFoundError) else f"cannot be read ({err.strerror})"
         raise _unusable(f"corpus path {path} {why}") from None
     if not path.is_file():  # a pipe is read once (or waits for a writer forever), /dev/zero never ends
-        raise LitGPTCharError(
-            f"corpus file {path} is not a regular file (a pipe or a device can be read only once, or never ends); "
-            f"write it to a file first, e.g. cat a.txt b.txt > corpus.txt, and pass --data.path corpus.txt"
-        )
+        raise _unusable(f"corpus file {path} is not a regular file (a pipe or a device): write it to a file first")
     return Corpus(kind, path, [_source(path, str(path), st)], sha256=sha256)
 
 
@@ -249,14 +249,12 @@ def _write(corpus: Corpus, texts: list[SourceFile], meta: dict, entry: Path, bar
     table = np.zeros(0x110000, np.uint8 if n <= 256 else np.uint16 if n <= 65536 else np.int32)
     table[chars], meta["dtype"] = np.arange(n), table.dtype.name
     with open(entry / (IDS + TMP), "wb") as out:
-        try:
+        with contextlib.suppress(_NotText):  # a file gone or unreadable since pass 1: the count below tells
             for i, file in enumerate(texts):
                 out.write(_encode(corpus.separator, table) if i else b"")
                 for data, text in _texts(file, corpus.kind == "package", forbid_nul=False):
                     out.write(_encode(text, table))
                     bar.update(len(data))
-        except _NotText:
-            pass  # a file gone or unreadable since pass 1: the count below tells
         if out.tell() != meta["tokens"] * table.itemsize:  # a file grew or shrank since pass 1
             raise LitGPTCharError(f"{corpus.label} changed while it was being tokenized; run again")
     # metadata out, ids in, metadata in: at every instant, either no metadata or a matching pair
@@ -319,13 +317,11 @@ def open_store(corpus: Corpus, cache_dir: Path, say: Callable[[str], None] = SAY
         try:
             entry.mkdir(parents=True, exist_ok=True)
             lock = FileLock(entry / LOCK)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "flock not supported", UserWarning)  # filelock's fallback: fine
-                try:
-                    held = lock.acquire(timeout=0)
-                except Timeout:
-                    say(f"waiting for another process that is preparing the corpus cache {entry}")
-                    held = lock.acquire()
+            try:
+                held = lock.acquire(timeout=0)
+            except Timeout:
+                say(f"waiting for another process that is preparing the corpus cache {entry}")
+                held = lock.acquire()
             with held:
                 try:
                     found, why = _cached(entry, corpus)

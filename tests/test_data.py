@@ -219,8 +219,8 @@ def test_a_corpus_path_that_is_not_a_regular_file_is_refused(source: str, tmp_pa
     result = run_subprocess(["fit", *TINY, "--data.path", str(path)], work, timeout=60, preexec_fn=at_most_4_gb)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == [
-        f"error: corpus file {path} is not a regular file (a pipe or a device can be read only once, or never "
-        f"ends); write it to a file first, e.g. cat a.txt b.txt > corpus.txt, and pass --data.path corpus.txt"
+        f"error: corpus file {path} is not a regular file (a pipe or a device): write it to a file first; "
+        f"pass --data.path a text file or a folder of them"
     ]
     assert files_under(work) == []  # no cache, logs or checkpoints
 
