@@ -290,14 +290,12 @@ class TokenStore:
 
 def _cached(entry: Path, corpus: Corpus) -> tuple[Optional[dict], str]:
     """The metadata of a usable cache entry, or None and why it is rebuilt ("" when there was none)."""
-    try:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # no metadata or no ids, or unreadable ones
         meta = json.loads((entry / META).read_text(encoding="utf-8"))
         if meta["fingerprint"] != corpus.fingerprint:
             return None, "the corpus changed since it was cached"
         if (entry / IDS).stat().st_size == meta["tokens"] * np.dtype(meta["dtype"]).itemsize:
             return meta, ""
-    except (OSError, ValueError, KeyError, TypeError):  # no metadata or no ids (nothing built, or a build died)
-        pass
     sizes = [f"{name} {(entry / name).stat().st_size:,} bytes" for name in (IDS, META) if (entry / name).exists()]
     return None, f"the cache was damaged: {', '.join(sizes)}" if sizes else ""
 
