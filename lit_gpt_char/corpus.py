@@ -209,15 +209,12 @@ def _scan(corpus: Corpus, bar: tqdm) -> tuple[list[SourceFile], dict]:
                 n, b = n + len(text), b + len(data)
                 bar.update(len(data))
         except _NotText as err:
-            if not is_dir:
-                raise _unusable(f"corpus {corpus.label} is not UTF-8 text: {err}") from None
-            if corpus.strict:
-                raise LitGPTCharError(
-                    f"file {file.name} in corpus directory {corpus.root} is not UTF-8 text: {err} "
-                    f"(--data.strict true; without it, such files are skipped)"
-                ) from None
-            skipped.append(f"{file.name} ({err})")
-            continue
+            if is_dir and not corpus.strict:
+                skipped.append(f"{file.name} ({err})")
+                continue
+            where = f"file {file.name} in corpus directory {corpus.root}" if is_dir else f"corpus {corpus.label}"
+            skips = "; --data.strict false skips such files" if is_dir else ""
+            raise _unusable(f"{where} is not UTF-8 text: {err}{skips}") from None
         seen |= mine
         texts.append(file)
         tokens, size = tokens + n, size + b
