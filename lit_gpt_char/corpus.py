@@ -85,19 +85,18 @@ class Corpus:
     def label(self) -> str:
         return "Tiny Shakespeare (packaged)" if self.kind == "package" else f"{self.kind} {self.root}"
 
-    def _hash(self, *more: object) -> str:
-        spec = [self.kind, str(self.root.resolve()), self.glob, self.separator, self.sha256, self.strict, *more]
-        return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
-
     @property
     def key(self) -> str:
         """The cache entry's name: what the corpus is (not its contents, which the fingerprint covers)."""
-        return f"{self.root.name[:40] or 'corpus'}-{self._hash()[:16]}"
+        spec = [self.kind, str(self.root.resolve()), self.glob, self.separator, self.sha256, self.strict]
+        return f"{self.root.name[:40] or 'corpus'}-{hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]}"
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """Changes when any file is added, removed or rewritten, or the cache format changes."""
-        return self._hash(FORMAT, [[f.name, *f.version] for f in self.files])
+        """Changes when any file is added, removed or rewritten, or the cache format changes (the corpus's entry,
+        its key, already says what the corpus is)."""
+        versions = [FORMAT, [[f.name, *f.version] for f in self.files]]
+        return hashlib.sha256(json.dumps(versions).encode()).hexdigest()
 
 
 def _unusable(what: str) -> LitGPTCharError:
