@@ -62,11 +62,7 @@ warnings.filterwarnings("ignore", "flock not supported", UserWarning)
 class SourceFile(NamedTuple):
     path: Path
     name: str  # as shown in messages: the path, or the path relative to a corpus directory
-    version: tuple[int, int, int, int]  # size, modification time, status change time, inode
-
-
-def _source(path: Path, name: str, st: os.stat_result) -> SourceFile:
-    return SourceFile(path, name, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    stat: os.stat_result  # as listed: its size, times and inode make the fingerprint
 
 
 @dataclass
@@ -95,8 +91,8 @@ class Corpus:
     def fingerprint(self) -> str:
         """Changes when any file is added, removed or rewritten, or the cache format changes (the corpus's entry,
         its key, already says what the corpus is)."""
-        versions = [FORMAT, [[f.name, *f.version] for f in self.files]]
-        return hashlib.sha256(json.dumps(versions).encode()).hexdigest()
+        versions = [[f.name, f.stat.st_size, f.stat.st_mtime_ns, f.stat.st_ctime_ns, f.stat.st_ino] for f in self.files]
+        return hashlib.sha256(json.dumps([FORMAT, versions]).encode()).hexdigest()
 
 
 def _unusable(what: str) -> LitGPTCharError:
@@ -112,7 +108,7 @@ def single_file(path: Path, sha256: Optional[str] = None, kind: str = "file") ->
         raise _unusable(f"corpus path {path} {why}") from None
     if not path.is_file():  # a pipe is read once (or waits for a writer forever), /dev/zero never ends
         raise _unusable(f"corpus file {path} is not a regular file (a pipe or a device): write it to a file first")
-    return Corpus(kind, path, [_source(path, str(path), st)], sha256=sha256)
+    return Corpus(kind, path, [SourceFile(path, str(path), st)], sha256=sha256)
 
 
 def tiny_shakespeare_text() -> str:
@@ -142,7 +138,7 @@ def directory(root: Path, glob: Optional[str], separator: str, strict: bool, exc
         for path in (Path(dirpath, name) for name in filenames if not name.startswith(".")):
             rel = path.relative_to(root).as_posix()
             if path.is_file() and (glob is None or glob_match(glob, rel)):  # a regular file, or a link to one
-                found.append(_source(path, rel, path.stat()))
+                found.append(SourceFile(path, rel, path.stat()))
     if not found:
         matching = f" matching --data.glob {glob!r} (without '/': file names at any depth)" if glob else ""
         raise _unusable(f"corpus directory {root} has no files{matching} (names starting with '.' are skipped)")
@@ -305,7 +301,7 @@ def open_store(corpus: Corpus, cache_dir: Path, say: Callable[[str], None] = SAY
     entry = cache_dir / corpus.key
     if (meta := _cached(entry, corpus)[0]) is not None:  # metadata is renamed into place last: no lock needed
         return TokenStore(entry, meta)
-    start, n = time.perf_counter(), 2 * sum(f.version[0] for f in corpus.files)
+    start, n = time.perf_counter(), 2 * sum(f.stat.st_size for f in corpus.files)
     with tqdm(total=n, desc=f"tokenizing {corpus.label}", unit="B", unit_scale=True, leave=False, disable=None) as bar:
         texts, meta = _scan(corpus, bar)
         try:
