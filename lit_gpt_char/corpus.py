@@ -183,9 +183,7 @@ def _points(text: str, known: bytes = b"") -> np.ndarray:
 
 def _encode(text: str, table: np.ndarray) -> bytes:
     """The ids of a chunk: ``table`` maps a code point to its id."""
-    if text.isascii() and table.itemsize == 1:
-        return text.encode().translate(table[:256].tobytes())
-    return table[_points(text)].tobytes()
+    return table.take(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)).tobytes()
 
 
 def _scan(corpus: Corpus, bar: tqdm) -> tuple[list[SourceFile], dict]:
