@@ -273,6 +273,10 @@ class TokenStore:
             self.inode = os.fstat(f.fileno()).st_ino  # of the file mapped (a later rebuild replaces the name)
         self.ids = torch.from_numpy(np.frombuffer(self._map, dtype=meta["dtype"], count=meta["tokens"]))
 
+    def __reduce__(self) -> tuple:
+        # pickled (ddp_spawn sends the data module to new processes): the receiver maps the file itself
+        return TokenStore, (self.directory, self.meta)
+
     def release(self) -> None:
         """Drop the map's pages from this process (they are read again from the page cache when needed)."""
         self._map.madvise(mmap.MADV_DONTNEED)

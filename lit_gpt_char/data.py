@@ -231,11 +231,6 @@ class ShakespeareDataModule(LightningDataModule):
             raise LitGPTCharError(f"--data.separator {separator!r}: {err.reason} (escapes as in Python)") from None
         self._train, self._windows_read = None, 0  # the training stream, windows read since the last release
 
-    def __getstate__(self) -> dict:
-        # spawned processes (ddp_spawn) map the cache themselves instead of receiving a copy of the corpus
-        state = {k: v for k, v in vars(self).items() if k != "store"}
-        return {**state, "_train": None}
-
     def _corpus(self) -> corpus.Corpus:
         """What to tokenize: the user's file or directory, the default file, the packaged or a downloaded corpus."""
         if self.given_path is not None and self.path.is_dir():
