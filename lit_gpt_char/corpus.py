@@ -7,8 +7,9 @@
     a later run: fingerprint unchanged ─▶ memory map of ids.bin: no tokenizing, memory independent of size
 
 The ids are the lecture's (``stoi`` over the sorted characters of the whole text). An incremental UTF-8
-decoder reads the chunks (a character a chunk cuts waits for the next); a pure-ASCII chunk's new characters and
-ids come from ``bytes.translate``. A build holds a few chunks in memory.
+decoder reads the chunks (a character a chunk cuts waits for the next); pass 1 finds a pure-ASCII chunk's new
+characters by deleting the bytes already seen (``bytes.translate``), the one fast path that pays. A build holds a
+few chunks in memory.
 
 The fingerprint holds each file's path, size, modification time, status change time and inode: a
 same-size copy that keeps the modification time (``cp -p``, ``rsync -t``) still moves the status change
@@ -19,7 +20,8 @@ trace. Pass 2 holds the cache entry's lock (``filelock``: flock, or a lock file 
 flock); other preparers wait, then find the cache built. It writes temporary files and renames them into
 place, metadata last, so a process killed while tokenizing leaves nothing a later run trusts (the next holder
 of the lock deletes what it left), and a built cache is mapped without the lock. A cache whose id file does
-not have the size its metadata records is rebuilt, with a line saying so.
+not have the size its metadata records is rebuilt; the ``tokenized`` line says why (damaged, with the sizes of
+its files, or the corpus changed).
 """
 
 import codecs
