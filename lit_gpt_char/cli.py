@@ -52,11 +52,10 @@ SUBCOMMAND_HELP = {
     "validate": "Evaluate a checkpoint (--ckpt_path) on the validation windows.",
     "test": "The same as validate, as the test stage (the lecture has no test split).",
 }
-CKPT_PATH_HELP = {
-    "fit": "Resume from this checkpoint: last (the newest run's last.ckpt, or with --run_name that run's; with no "
-    "run yet, start one), best, or a file. A file in checkpoints/RUN/ continues run RUN.",
-    "validate": "The checkpoint to evaluate: last or best (of the newest run, or of --run_name), or a file.",
-}
+CKPT_PATH_HELP = (
+    "The checkpoint fit resumes from, or validate and test evaluate: last or best (the newest run's, or that of "
+    "--run_name; fit with no run yet starts one), or a file. fit continues run RUN from a file in checkpoints/RUN/."
+)
 PRECISION_HELP = "Lightning's, or auto: bf16-mixed on a GPU with native bf16, 16-mixed on older GPUs, else 32-true"
 # the run decides the folder of both checkpoint callbacks (Lightning's ModelCheckpoint): no dirpath to disagree with it
 CHECKPOINT_GROUPS = {  # their titles in fit --help (README.md's table says what each writes), and the defaults
@@ -93,21 +92,20 @@ class LitGPTCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+        # ckpt_path is this CLI's own option (add_arguments_to_parser), with one help for every subcommand
+        return {name: skip | {"ckpt_path"} for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
-        parser.usage = "%(prog)s [-h] [-c CONFIG] {fit,validate,test,sample} ..."  # main() runs sample itself
         for choice in internals.subcommand_choices(parser):
             choice.help = SUBCOMMAND_HELP[choice.dest]
-        for name, subparser in internals.subcommand_parsers(self).items():
-            _set_help(subparser, "ckpt_path", CKPT_PATH_HELP.get(name, CKPT_PATH_HELP["validate"]))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=Optional[str], default=None, help=(
             "The run's name: its checkpoints go to checkpoints/NAME/ and its logs to lightning_logs/NAME/. "
             "Unset: the next free version_N. With --ckpt_path last or best: that run's file."
         ))  # fmt: skip
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None, help=CKPT_PATH_HELP)
         # the data decides the vocabulary and the context length; the model follows
         parser.link_arguments("data.block_size", "model.config.block_size")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
@@ -190,8 +188,10 @@ class LitGPTCLI(LightningCLI):
         if type(bar) is TQDMProgressBar:  # Lightning's default bar, or one configured: the one that reads on resume
             trainer.callbacks[trainer.callbacks.index(bar)] = ProgressBar(bar.refresh_rate, bar.process_position)
         self._notes += check_built(trainer, self.model, self.datamodule, self._ckpt, self.subcommand == "fit")
-        if self.subcommand is not None:  # the run's folder; for an evaluation, that of its checkpoint
-            folder = self._run.checkpoint_dir if self._run else Path(self.config[self.subcommand].ckpt_path).parent
+        if self.subcommand is not None:
+            trainer.ckpt_path = self.config[self.subcommand].ckpt_path  # the file this_run resolved --ckpt_path to
+            # the checkpoints go to the run's folder; for an evaluation, to that of its checkpoint
+            folder = self._run.checkpoint_dir if self._run else Path(trainer.ckpt_path).parent
             for callback in trainer.callbacks:
                 if isinstance(callback, Checkpoint):
                     callback.dirpath = os.path.realpath(folder)
@@ -298,7 +298,11 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True) -> LitGPTCLI:
         ShakespeareDataModule,
         trainer_defaults=TRAINER_DEFAULTS,
         seed_everything_default=1337,
-        parser_kwargs={"description": DESCRIPTION.replace("PROG", _prog()), "prog": _prog()},
+        parser_kwargs={
+            "description": DESCRIPTION.replace("PROG", _prog()),
+            "prog": _prog(),
+            "usage": "%(prog)s [-h] [-c CONFIG] {fit,validate,test,sample} ...",  # main() runs sample itself
+        },
         parser_class=CLIParser,
         auto_configure_optimizers=False,
         load_from_checkpoint_support=False,

@@ -14,7 +14,6 @@ from typing import Any
 from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
 
 # torch.distributed's teardown as Lightning registers it for the process groups it creates
 destroy_dist_connection = _destroy_dist_connection
@@ -78,11 +77,6 @@ def save_last(checkpoint: ModelCheckpoint, trainer: Trainer) -> None:
 def parser_actions(parser: ArgumentParser) -> list[Action]:
     """Every option of ``parser`` (argparse keeps them private)."""
     return parser._actions
-
-
-def subcommand_parsers(cli: LightningCLI) -> dict[str, ArgumentParser]:
-    """LightningCLI's parser of each subcommand, to give each its own description."""
-    return cli._subcommand_parsers
 
 
 def subcommand_choices(parser: ArgumentParser) -> list[Action]:
