@@ -97,6 +97,7 @@ class LitGPTCLI(LightningCLI):
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
+        parser.usage = "%(prog)s [-h] [-c CONFIG] {fit,validate,test,sample} ..."  # main() runs sample itself
         for choice in internals.subcommand_choices(parser):
             choice.help = SUBCOMMAND_HELP[choice.dest]
 
@@ -203,23 +204,20 @@ class LitGPTCLI(LightningCLI):
         """The run's first line: its name and folders, and where it resumes from."""
         run, trainer = self._run, self.trainer
         if run is None:
-            ckpt_path = self.config[self.subcommand].ckpt_path
-            return f"{self.subcommand} {ckpt_path} (step {self._step}) on {self.datamodule.scored()}"
-        logs = "no logs"
-        if isinstance(trainer.logger, TensorBoardLogger):
-            logs = f"logs in {shown(trainer.logger.log_dir)}{os.sep}"
+            return f"{self.subcommand} {trainer.ckpt_path} (step {self._step}) on {self.datamodule.scored()}"
         line = f"run {run.name}"
         if run.resume_from is not None:
             how = "resumed from" if run.continues else "starting from the weights of"
-            line += f", {how} {run.resume_from} at step {self._step}"
-            line += " (the newest run)" if run.picked else ""
+            line += f", {how} {run.resume_from} at step {self._step}" + (" (the newest run)" if run.picked else "")
+        logs = "no logs"
+        if isinstance(trainer.logger, TensorBoardLogger):
+            logs = f"logs in {shown(trainer.logger.log_dir)}{os.sep}"
         line += f": checkpoints in {shown(run.checkpoint_dir)}{os.sep}, {logs}"
-        states = self._ckpt.get("rng_states") if run.continues and self._ckpt else None  # one per rank that wrote it
-        if isinstance(states, list) and len(states) != trainer.world_size:
+        trained_with = len(self._ckpt.get("rng_states", [])) if run.continues and self._ckpt else 0  # one per rank
+        if trained_with and trained_with != trainer.world_size:  # each rank's window stream: policy.py
             line += (
-                f"\nnote: this run trained with {len(states)} process(es) and resumes with {trainer.world_size}: each "
-                f"rank's window stream continues from step {self._step} (ranks the checkpoint has no state for start "
-                f"their own), so the steps from here differ from an unbroken run's"
+                f"\nnote: this run trained with {trained_with} process(es) and resumes with {trainer.world_size}: "
+                f"its steps from here differ from an unbroken run's"
             )
         return line
 
@@ -234,9 +232,8 @@ class LitGPTCLI(LightningCLI):
         steps = f"steps {self._step} to {step}" if self._step else f"{step} steps"
         line = f"run {self._run.name} done: {steps} in {timedelta(seconds=round(time.monotonic() - self._fit_start))}"
         best = next((c for c in trainer.callbacks if isinstance(c, Checkpoint) and c.monitor == "val/loss"), None)
-        val = trainer.callback_metrics.get("val/loss")
-        if best is not None and best.evaluated_step is not None and val is not None:
-            line += f"; val/loss {float(val):.4f} at step {best.evaluated_step}"
+        if best is not None and best.evaluated_step is not None:  # None: no evaluation since the run (re)started
+            line += f"; val/loss {float(trainer.callback_metrics['val/loss']):.4f} at step {best.evaluated_step}"
         if best is not None and best.best_model_score is not None:  # None: this run has not evaluated yet
             at = step_of(best.best_model_path)
             line += f" (best {float(best.best_model_score):.4f} at step {at}); {shown(best.best_model_path)}"
@@ -298,11 +295,7 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True) -> LitGPTCLI:
         ShakespeareDataModule,
         trainer_defaults=TRAINER_DEFAULTS,
         seed_everything_default=1337,
-        parser_kwargs={
-            "description": DESCRIPTION.replace("PROG", _prog()),
-            "prog": _prog(),
-            "usage": "%(prog)s [-h] [-c CONFIG] {fit,validate,test,sample} ...",  # main() runs sample itself
-        },
+        parser_kwargs={"description": DESCRIPTION.replace("PROG", _prog()), "prog": _prog()},
         parser_class=CLIParser,
         auto_configure_optimizers=False,
         load_from_checkpoint_support=False,
