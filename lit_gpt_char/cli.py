@@ -13,10 +13,9 @@ import signal
 import sys
 import time
 import warnings
-from argparse import Action
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -111,17 +110,16 @@ class LitGPTCLI(LightningCLI):
         parser.link_arguments("data.block_size", "model.config.block_size")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
         parser.link_arguments("data.vocab", "model.config.vocab_size", compute_fn=len, apply_on="instantiate")
-        # "auto" beside Lightning's values (precision.auto_precision)
-        precision = _set_help(parser, "trainer.precision", PRECISION_HELP)
-        internals.widen_type(precision, Optional[Union[Literal["auto"], internals.type_of(precision)]])
         # always on, also when a config gives its own trainer.callbacks list (which replaces the defaults)
         for callback, key in ((SampleTextCallback, "sampling"), (InterruptCheckpoint, "interrupt_checkpoint"),
                               (Throughput, "throughput"), (LossChart, "loss_chart")):  # fmt: skip
             parser.add_lightning_class_args(callback, key)
+        options = internals.parser_options(parser)
+        options["trainer.precision"].help = PRECISION_HELP
+        internals.also_accept(options["trainer.precision"], Literal["auto"])  # beside Lightning's values
         # its default, a newline, would print as an invisible "default: \n": write it out
-        internals.keep_help_as_written(
-            _set_help(parser, "sampling.prompt", "Text the samples continue (type: str, default: '\\n', a newline)")
-        )
+        options["sampling.prompt"].help = "Text the samples continue (type: str, default: '\\n', a newline)"
+        internals.keep_help_as_written(options["sampling.prompt"])
         for key, (title, defaults) in CHECKPOINT_GROUPS.items():
             parser.add_class_arguments(Checkpoint, key, fail_untyped=False, sub_configs=True, skip={"dirpath"})
             parser.callback_keys.append(key)
@@ -239,12 +237,6 @@ class LitGPTCLI(LightningCLI):
             line += f" (best {float(best.best_model_score):.4f} at step {at}); {shown(best.best_model_path)}"
         last = self._run.checkpoint_dir / "last.ckpt"
         print(line + (f", {shown(last)}" if last.is_file() else ""), flush=True)
-
-
-def _set_help(parser: LightningArgumentParser, dest: str, help: str) -> Action:
-    action = next(action for action in internals.parser_actions(parser) if action.dest == dest)
-    action.help = help
-    return action
 
 
 TRAINER_DEFAULTS = {  # with the DataModule's and SampleTextCallback's own defaults: configs/small.yaml
