@@ -82,12 +82,12 @@ class LitGPTCLI(LightningCLI):
         try:
             super().__init__(*args, **kwargs)
         except BaseException as err:
-            self._end(not self._held.released)  # rejected input: remove the run's folders again
             if getattr(self, "subcommand", None) == "fit" and not is_child():  # the job's other ranks wait for it
                 publish(str(err) if isinstance(err, LitGPTCharError) else f"global rank 0 failed: {err!r}", error=True)
-            self._held.release(show=False)
             raise
-        self._end(False)
+        finally:
+            self._end(not self._held.released)  # input rejected before the run began: remove its folders again
+            self._held.release(show=False)  # what Lightning printed for rejected input
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
