@@ -97,8 +97,9 @@ def check_built(trainer: Trainer, model: LitGPT, data: ShakespeareDataModule, ck
     if theirs != data.vocab:
         raise LitGPTCharError(
             f"the checkpoint's vocabulary ({len(theirs)} characters) differs from that of corpus {data.path} "
-            f"({len(data.vocab)}; in one only: {''.join(sorted(set(theirs) ^ set(data.vocab)))!r}): use the corpus "
-            f"the checkpoint was trained on (--data.path), or start a new run without --ckpt_path"
+            f"({len(data.vocab)}; only in the corpus: {''.join(sorted(set(data.vocab) - set(theirs)))!r}, only in "
+            f"the checkpoint: {''.join(sorted(set(theirs) - set(data.vocab)))!r}): use the corpus the checkpoint was "
+            f"trained on (--data.path), or start a new run without --ckpt_path"
         )
     if not scaled_and_clipped(trainer) or hp.fused_adamw is False:
         return []
