@@ -93,22 +93,20 @@ def check_built(trainer: Trainer, model: LitGPT, data: ShakespeareDataModule, ck
             f"--model.lr_schedule {hp.lr_schedule} needs to know where it ends: set --trainer.max_steps or "
             f"--model.decay_steps"
         )
-    if scaled_and_clipped(trainer) and hp.fused_adamw:
-        raise LitGPTCharError(
-            "--trainer.precision 16-mixed scales the loss, so a fused AdamW step cannot be clipped "
-            "(--trainer.gradient_clip_val): use --trainer.precision bf16-mixed, or --model.fused_adamw false"
-        )
-    if ckpt is not None and ckpt["hyper_parameters"]["vocab"] != data.vocab:
-        theirs = ckpt["hyper_parameters"]["vocab"]  # both sorted sets of characters: they differ in which they hold
+    theirs = ckpt["hyper_parameters"]["vocab"] if ckpt is not None else data.vocab
+    if theirs != data.vocab:
         raise LitGPTCharError(
             f"the checkpoint's vocabulary ({len(theirs)} characters) differs from that of corpus {data.path} "
             f"({len(data.vocab)}; only in the corpus: {''.join(sorted(set(data.vocab) - set(theirs)))!r}, only in "
-            f"the checkpoint: {''.join(sorted(set(theirs) - set(data.vocab)))!r}). Use the corpus the checkpoint was "
+            f"the checkpoint: {''.join(sorted(set(theirs) - set(data.vocab)))!r}): use the corpus the checkpoint was "
             f"trained on (--data.path), or start a new run without --ckpt_path"
         )
-    if hp.fused_adamw is None and scaled_and_clipped(trainer):
-        return ["note: 16-mixed scales the loss, and a fused AdamW step cannot be clipped: AdamW takes its plain step"]
-    return []
+    if not scaled_and_clipped(trainer) or hp.fused_adamw is False:
+        return []
+    why = "--trainer.precision 16-mixed scales the loss, so a fused AdamW step cannot be clipped (gradient_clip_val)"
+    if hp.fused_adamw:
+        raise LitGPTCharError(f"{why}: use --trainer.precision bf16-mixed, or --model.fused_adamw false")
+    return [f"note: {why}: AdamW takes its plain step"]
 
 
 def sized_for_a_gpu(trainer: Trainer, model: LitGPT, batch_size: int) -> Optional[str]:

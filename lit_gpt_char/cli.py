@@ -13,10 +13,9 @@ import signal
 import sys
 import time
 import warnings
-from argparse import Action
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -52,11 +51,10 @@ SUBCOMMAND_HELP = {
     "validate": "Evaluate a checkpoint (--ckpt_path) on the validation windows.",
     "test": "The same as validate, as the test stage (the lecture has no test split).",
 }
-CKPT_PATH_HELP = {
-    "fit": "Resume from this checkpoint: last (the newest run's last.ckpt, or with --run_name that run's; with no "
-    "run yet, start one), best, or a file. A file in checkpoints/RUN/ continues run RUN.",
-    "validate": "The checkpoint to evaluate: last or best (of the newest run, or of --run_name), or a file.",
-}
+CKPT_PATH_HELP = (
+    "The checkpoint fit resumes from, or validate and test evaluate: last or best (the newest run's, or that of "
+    "--run_name; fit with no run yet starts one), or a file. fit continues run RUN from a file in checkpoints/RUN/."
+)
 PRECISION_HELP = "Lightning's, or auto: bf16-mixed on a GPU with native bf16, 16-mixed on older GPUs, else 32-true"
 # the run decides the folder of both checkpoint callbacks (Lightning's ModelCheckpoint): no dirpath to disagree with it
 CHECKPOINT_GROUPS = {  # their titles in fit --help (README.md's table says what each writes), and the defaults
@@ -84,45 +82,44 @@ class LitGPTCLI(LightningCLI):
         try:
             super().__init__(*args, **kwargs)
         except BaseException as err:
-            self._end(not self._held.released)  # rejected input: remove the run's folders again
             if getattr(self, "subcommand", None) == "fit" and not is_child():  # the job's other ranks wait for it
                 publish(str(err) if isinstance(err, LitGPTCharError) else f"global rank 0 failed: {err!r}", error=True)
-            self._held.release(show=False)
             raise
-        self._end(False)
+        finally:
+            self._end(not self._held.released)  # input rejected before the run began: remove its folders again
+            self._held.release(show=False)  # what Lightning printed for rejected input
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+        # ckpt_path is this CLI's own option (add_arguments_to_parser), with one help for every subcommand
+        return {name: skip | {"ckpt_path"} for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
         parser.usage = "%(prog)s [-h] [-c CONFIG] {fit,validate,test,sample} ..."  # main() runs sample itself
         for choice in internals.subcommand_choices(parser):
             choice.help = SUBCOMMAND_HELP[choice.dest]
-        for name, subparser in internals.subcommand_parsers(self).items():
-            _set_help(subparser, "ckpt_path", CKPT_PATH_HELP.get(name, CKPT_PATH_HELP["validate"]))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=Optional[str], default=None, help=(
             "The run's name: its checkpoints go to checkpoints/NAME/ and its logs to lightning_logs/NAME/. "
             "Unset: the next free version_N. With --ckpt_path last or best: that run's file."
         ))  # fmt: skip
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None, help=CKPT_PATH_HELP)
         # the data decides the vocabulary and the context length; the model follows
         parser.link_arguments("data.block_size", "model.config.block_size")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
         parser.link_arguments("data.vocab", "model.config.vocab_size", compute_fn=len, apply_on="instantiate")
-        # "auto" beside Lightning's values (precision.auto_precision)
-        precision = _set_help(parser, "trainer.precision", PRECISION_HELP)
-        internals.widen_type(precision, Optional[Union[Literal["auto"], internals.type_of(precision)]])
         # always on, also when a config gives its own trainer.callbacks list (which replaces the defaults)
         for callback, key in ((SampleTextCallback, "sampling"), (InterruptCheckpoint, "interrupt_checkpoint"),
                               (Throughput, "throughput"), (LossChart, "loss_chart")):  # fmt: skip
             parser.add_lightning_class_args(callback, key)
+        options = internals.parser_options(parser)
+        options["trainer.precision"].help = PRECISION_HELP
+        internals.also_accept(options["trainer.precision"], Literal["auto"])  # beside Lightning's values
         # its default, a newline, would print as an invisible "default: \n": write it out
-        internals.keep_help_as_written(
-            _set_help(parser, "sampling.prompt", "Text the samples continue (type: str, default: '\\n', a newline)")
-        )
+        options["sampling.prompt"].help = "Text the samples continue (type: str, default: '\\n', a newline)"
+        internals.keep_help_as_written(options["sampling.prompt"])
         for key, (title, defaults) in CHECKPOINT_GROUPS.items():
             parser.add_class_arguments(Checkpoint, key, fail_untyped=False, sub_configs=True, skip={"dirpath"})
             parser.callback_keys.append(key)
@@ -190,8 +187,10 @@ class LitGPTCLI(LightningCLI):
         if type(bar) is TQDMProgressBar:  # Lightning's default bar, or one configured: the one that reads on resume
             trainer.callbacks[trainer.callbacks.index(bar)] = ProgressBar(bar.refresh_rate, bar.process_position)
         self._notes += check_built(trainer, self.model, self.datamodule, self._ckpt, self.subcommand == "fit")
-        if self.subcommand is not None:  # the run's folder; for an evaluation, that of its checkpoint
-            folder = self._run.checkpoint_dir if self._run else Path(self.config[self.subcommand].ckpt_path).parent
+        if self.subcommand is not None:
+            trainer.ckpt_path = self.config[self.subcommand].ckpt_path  # the file this_run resolved --ckpt_path to
+            # the checkpoints go to the run's folder; for an evaluation, to that of its checkpoint
+            folder = self._run.checkpoint_dir if self._run else Path(trainer.ckpt_path).parent
             for callback in trainer.callbacks:
                 if isinstance(callback, Checkpoint):
                     callback.dirpath = os.path.realpath(folder)
@@ -203,23 +202,20 @@ class LitGPTCLI(LightningCLI):
         """The run's first line: its name and folders, and where it resumes from."""
         run, trainer = self._run, self.trainer
         if run is None:
-            ckpt_path = self.config[self.subcommand].ckpt_path
-            return f"{self.subcommand} {ckpt_path} (step {self._step}) on {self.datamodule.scored()}"
-        logs = "no logs"
-        if isinstance(trainer.logger, TensorBoardLogger):
-            logs = f"logs in {shown(trainer.logger.log_dir)}{os.sep}"
+            return f"{self.subcommand} {trainer.ckpt_path} (step {self._step}) on {self.datamodule.scored()}"
         line = f"run {run.name}"
         if run.resume_from is not None:
             how = "resumed from" if run.continues else "starting from the weights of"
-            line += f", {how} {run.resume_from} at step {self._step}"
-            line += " (the newest run)" if run.picked else ""
+            line += f", {how} {run.resume_from} at step {self._step}" + (" (the newest run)" if run.picked else "")
+        logs = "no logs"
+        if isinstance(trainer.logger, TensorBoardLogger):
+            logs = f"logs in {shown(trainer.logger.log_dir)}{os.sep}"
         line += f": checkpoints in {shown(run.checkpoint_dir)}{os.sep}, {logs}"
-        states = self._ckpt.get("rng_states") if run.continues and self._ckpt else None  # one per rank that wrote it
-        if isinstance(states, list) and len(states) != trainer.world_size:
+        trained_with = len(self._ckpt.get("rng_states", [])) if run.continues and self._ckpt else 0  # one per rank
+        if trained_with and trained_with != trainer.world_size:  # each rank's window stream: policy.py
             line += (
-                f"\nnote: this run trained with {len(states)} process(es) and resumes with {trainer.world_size}: each "
-                f"rank's window stream continues from step {self._step} (ranks the checkpoint has no state for start "
-                f"their own), so the steps from here differ from an unbroken run's"
+                f"\nnote: this run trained with {trained_with} process(es) and resumes with {trainer.world_size}: "
+                f"its steps from here differ from an unbroken run's"
             )
         return line
 
@@ -234,20 +230,13 @@ class LitGPTCLI(LightningCLI):
         steps = f"steps {self._step} to {step}" if self._step else f"{step} steps"
         line = f"run {self._run.name} done: {steps} in {timedelta(seconds=round(time.monotonic() - self._fit_start))}"
         best = next((c for c in trainer.callbacks if isinstance(c, Checkpoint) and c.monitor == "val/loss"), None)
-        val = trainer.callback_metrics.get("val/loss")
-        if best is not None and best.evaluated_step is not None and val is not None:
-            line += f"; val/loss {float(val):.4f} at step {best.evaluated_step}"
+        if best is not None and best.evaluated_step is not None:  # None: no evaluation since the run (re)started
+            line += f"; val/loss {float(trainer.callback_metrics['val/loss']):.4f} at step {best.evaluated_step}"
         if best is not None and best.best_model_score is not None:  # None: this run has not evaluated yet
             at = step_of(best.best_model_path)
             line += f" (best {float(best.best_model_score):.4f} at step {at}); {shown(best.best_model_path)}"
         last = self._run.checkpoint_dir / "last.ckpt"
         print(line + (f", {shown(last)}" if last.is_file() else ""), flush=True)
-
-
-def _set_help(parser: LightningArgumentParser, dest: str, help: str) -> Action:
-    action = next(action for action in internals.parser_actions(parser) if action.dest == dest)
-    action.help = help
-    return action
 
 
 TRAINER_DEFAULTS = {  # with the DataModule's and SampleTextCallback's own defaults: configs/small.yaml

@@ -9,12 +9,11 @@ them.
 """
 
 from argparse import Action, ArgumentParser
-from typing import Any
+from typing import Any, Optional, Union
 
 from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
 
 # torch.distributed's teardown as Lightning registers it for the process groups it creates
 destroy_dist_connection = _destroy_dist_connection
@@ -75,14 +74,9 @@ def save_last(checkpoint: ModelCheckpoint, trainer: Trainer) -> None:
 # ---- jsonargparse ----
 
 
-def parser_actions(parser: ArgumentParser) -> list[Action]:
-    """Every option of ``parser`` (argparse keeps them private)."""
-    return parser._actions
-
-
-def subcommand_parsers(cli: LightningCLI) -> dict[str, ArgumentParser]:
-    """LightningCLI's parser of each subcommand, to give each its own description."""
-    return cli._subcommand_parsers
+def parser_options(parser: ArgumentParser) -> dict[str, Action]:
+    """Every option of ``parser``, by its key (argparse keeps their list private)."""
+    return {action.dest: action for action in parser._actions}
 
 
 def subcommand_choices(parser: ArgumentParser) -> list[Action]:
@@ -90,14 +84,9 @@ def subcommand_choices(parser: ArgumentParser) -> list[Action]:
     return parser._subcommands_action._choices_actions
 
 
-def widen_type(action: Action, typehint: Any) -> None:
-    """Give an option another type: jsonargparse's ActionTypeHint has no public setter."""
-    action._typehint = typehint
-
-
-def type_of(action: Action) -> Any:
-    """The type an option of jsonargparse's takes."""
-    return action._typehint
+def also_accept(action: Action, typehint: Any) -> None:
+    """Let an option of jsonargparse's also take ``typehint``: its ActionTypeHint has no public setter."""
+    action._typehint = Optional[Union[typehint, action._typehint]]
 
 
 def keep_help_as_written(action: Action) -> None:

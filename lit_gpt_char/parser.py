@@ -13,7 +13,7 @@ from typing import Any, NoReturn, Optional
 from lightning.pytorch.cli import LightningArgumentParser
 
 from lit_gpt_char.errors import shown
-from lit_gpt_char.internals import parser_actions
+from lit_gpt_char.internals import parser_options
 
 
 class CLIParser(LightningArgumentParser):
@@ -31,7 +31,7 @@ class CLIParser(LightningArgumentParser):
         line = one_line(message)
         unknown = re.search(r"unrecognized arguments: --([^\s=]+)|does not accept option '([^']+)'", line)
         if unknown:  # on the command line or in a config file
-            options = [option for action in parser_actions(parser) for option in action.option_strings]
+            options = [option for action in parser_options(parser).values() for option in action.option_strings]
             given = f"--{unknown.group(1) or unknown.group(2)}"
             close = difflib.get_close_matches(given, options, n=1, cutoff=0.8)
             line += f"; did you mean {close[0]}?" if close else ""

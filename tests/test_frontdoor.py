@@ -147,7 +147,8 @@ def test_help_lists_every_subcommand_and_cuts_no_line(capsys: pytest.CaptureFixt
     assert run_main(["fit", "--help"]) == 0
     out = capsys.readouterr().out
     assert "best checkpoint:" in out and "periodic and last checkpoints:" in out
-    ckpt_help = " ".join(out.split("--ckpt_path CKPT_PATH\n")[-1].split("--")[0].split())
-    assert ckpt_help.startswith("Resume from this checkpoint: last") and "registry" not in ckpt_help
+    ckpt_help = " ".join(out.split("--ckpt_path CKPT_PATH\n")[-1].split("(type:")[0].split())
+    assert ckpt_help.endswith(".") and "registry" not in ckpt_help  # whole sentences, not Lightning's generic text
+    assert all(word in ckpt_help for word in ("resumes", "evaluate", "last", "best", "run"))
     assert "(type: str, default: '\\n', a newline)" in " ".join(out.split("--sampling.prompt PROMPT\n")[1].split())
     assert "--checkpoint.dirpath" not in out  # the run decides the folder: no option to disagree with it
