@@ -169,9 +169,7 @@ def read_checkpoint(path: str | Path) -> dict:
         ) from None
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if not {"vocab", "config"} <= set(hparams) or "state_dict" not in ckpt:
-        raise LitGPTCharError(
-            f"{path} is a PyTorch file but not a lit_gpt_char checkpoint (no vocabulary, model config or weights)"
-        )
+        raise LitGPTCharError(f"{path} is not a lit_gpt_char checkpoint (no vocabulary, model config or weights)")
     return ckpt
 
 

@@ -119,7 +119,7 @@ class LitGPT(LightningModule):
         # compiled or not (a checkpoint then resumes with compile switched either way)
         self._forward = torch.compile(self.model.forward) if compile else self.model.forward
         self._train_loss_sum, self._train_loss_count = 0.0, 0  # train/loss of the log window under way
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.eval_loss = MeanMetric()  # of the validation or test under way (they never run at once)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)[0]
@@ -139,25 +139,22 @@ class LitGPT(LightningModule):
             self.log("train/loss", self._train_loss_sum / self._train_loss_count, prog_bar=True)
             self._train_loss_count = 0
             self.log("lr", self.optimizers().param_groups[0]["lr"])
-            self.log("step", float(self.global_step + 1))  # this batch's update is step N (see _log_eval)
+            self.log("step", float(self.global_step + 1))  # this batch's update is step N (see on_validation_epoch_end)
         return loss
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metric: MeanMetric) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits, _ = self._forward(x)
         # sum over tokens so windows of any length weigh by their token count in the mean
         loss_sum = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
-        metric.update(loss_sum / y.numel(), weight=y.numel())
+        self.eval_loss.update(loss_sum / y.numel(), weight=y.numel())
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_loss)
+    test_step = validation_step
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_loss)
-
-    def _log_eval(self, prefix: str, metric: MeanMetric) -> None:
-        loss = metric.compute()  # mean over every rank's windows (torchmetrics syncs under DDP)
-        metric.reset()
+    def on_validation_epoch_end(self) -> None:
+        prefix = "test" if self.trainer.testing else "val"
+        loss = self.eval_loss.compute()  # mean over every rank's windows (torchmetrics syncs under DDP)
+        self.eval_loss.reset()
         self.log(f"{prefix}/loss", loss, prog_bar=True)
         self.log(f"{prefix}/bpc", loss / math.log(2))
         # "step" is the x-axis of what is logged with it (not a metric itself): optimizer steps completed,
@@ -167,11 +164,7 @@ class LitGPT(LightningModule):
         if self.trainer.state.fn == TrainerFn.FITTING:
             self.log("step", float(self.global_step))
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval("val", self.val_loss)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval("test", self.test_loss)
+    on_test_epoch_end = on_validation_epoch_end
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the running train/loss sum of the log window under way: the first mean after resuming covers the whole window

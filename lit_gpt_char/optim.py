@@ -50,11 +50,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        loss = None
-        if closure is not None:  # forward and backward, as Lightning passes them: once, then both steps
-            with torch.enable_grad():
-                loss = closure()
-        self._adamw.step()
+        loss = self._adamw.step(closure)  # runs the forward and backward Lightning passes (once), then AdamW's step
         for group in self.param_groups[len(self._adamw.param_groups) :]:  # Muon's
             for p in group["params"]:
                 if p.grad is None:

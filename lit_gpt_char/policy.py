@@ -42,8 +42,7 @@ class RunPolicy(Callback):
       devices than before) keeps its fresh stream.
     """
 
-    def __init__(self) -> None:
-        self._first_bad: Optional[torch.Tensor] = None  # off the host check: the first bad step, or _NO_BAD_STEP
+    _first_bad: Optional[torch.Tensor] = None  # off the host check: the first bad step, or _NO_BAD_STEP
 
     # ---- divergence ----
 
@@ -80,8 +79,7 @@ class RunPolicy(Callback):
         )
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.check_finite(trainer)
+        self.check_finite(trainer)  # a no-op but in fit, after a training step
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
         if self._first_bad is not None and sync_due(trainer) and not accumulating(trainer):

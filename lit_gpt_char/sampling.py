@@ -85,8 +85,7 @@ class SampleTextCallback(Callback):
                 logger.experiment.add_text(tag, markdown, global_step=trainer.global_step)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
-        step, every = trainer.global_step, self.every_n_steps
-        if not every or step % every or accumulating(trainer):
+        if not self.every_n_steps or trainer.global_step % self.every_n_steps or accumulating(trainer):
             return  # due at the batch that stepped the optimizer: once per step, none at the step resumed from
         _check_finite(trainer)
         if trainer.is_global_zero:

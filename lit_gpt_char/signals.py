@@ -81,14 +81,11 @@ class InterruptCheckpoint(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
-        if (
-            isinstance(exception, KeyboardInterrupt)
-            and trainer.state.fn == TrainerFn.FITTING
-            and trainer.is_global_zero
-        ):
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if isinstance(exception, KeyboardInterrupt) and fitting and trainer.is_global_zero:
             # the second Ctrl-C: Lightning's own exit says nothing
-            what = f"nothing saved (the last checkpoint is {shown(last_checkpoint(trainer)) or 'none'})"
-            _say(f"interrupted by Ctrl-C during step {trainer.global_step + 1}: {what}")
+            last = shown(last_checkpoint(trainer)) or "none"
+            _say(f"interrupted by Ctrl-C during step {trainer.global_step + 1}: nothing saved (last: {last})")
         if not (self._stopping and isinstance(exception, SIGTERMException)):  # only our stop saves (set in fit)
             return
         path = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or "checkpoints") / "last.ckpt"
