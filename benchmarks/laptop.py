@@ -21,7 +21,7 @@ then `train.py config/train_shakespeare_char.py --device=cpu --compile=False --e
 --sweep runs the recipes in SWEEP once each instead (the tables in benchmarks/RESULTS.md); extra `--key value`
 overrides after `--` go to every run. The val of a recipe is deterministic on one machine, torch build and thread
 count; the issue-23 rows were measured with OMP_NUM_THREADS=1 (the VM was shared), which moves the last digits:
-laptop.yaml 1.5917 on 1 thread, 1.5952 on 2; laptop_quick.yaml 1.8697 and 1.8665.
+laptop.yaml 1.5917 on 1 thread, 1.5952 on 2; laptop_quick.yaml 1.8667 on both.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ WSD = ["--model.lr_schedule", "wsd", "--model.cooldown_fraction"]
 C23 = [*_steps(1200), *WSD, "0.5", "--model.muon_lr", "0.04", "--model.learning_rate", "6e-3"]
 T128 = ["--data.block_size", "128", "--data.batch_size", "16"]
 NOCLIP = ["--trainer.gradient_clip_val", "null"]
+Q300 = [*_steps(300), "--model.muon_lr", "0.04", "--model.muon_momentum", "0.95"]
 
 # (name, config, overrides): the recipes `--sweep` runs, each once
 SWEEP: list[tuple[str, str, list[str]]] = [
@@ -155,28 +156,57 @@ SWEEP: list[tuple[str, str, list[str]]] = [
     _nov24("... no gradient clipping", [*C23, *T128, *_steps(1500), *NOCLIP]),
     ("laptop.yaml, 1300 steps", LAPTOP, _steps(1300)),
     ("laptop.yaml (C23, windows of 128, batch 16, no clipping, 1400 steps)", LAPTOP, []),
-    # the short recipe: overrides of laptop_quick.yaml (300 steps of 24 windows of 64, a 30-step warmup)
-    ("quick: 150 steps of 32, 10 warmup", QUICK, _quick(150, 32)),
-    ("... Muon 0.06, AdamW 1e-2", QUICK, _quick(150, 32, "--model.muon_lr", "0.06", "--model.learning_rate", "1e-2")),
-    ("quick: 200 steps of 32, 10 warmup", QUICK, _quick(200, 32)),
-    ("... Muon 0.03, AdamW 4e-3", QUICK, _quick(200, 32, "--model.muon_lr", "0.03", "--model.learning_rate", "4e-3")),
-    ("... 3 layers", QUICK, _quick(200, 32, "--model.config.n_layer", "3")),
-    ("quick: 100 steps of 64, 10 warmup", QUICK, _quick(100, 64)),
-    ("quick: 400 steps of 16, 10 warmup", QUICK, _quick(400, 16)),
-    ("quick: 300 steps of 24, 10 warmup", QUICK, _quick(300, 24)),
-    ("... Muon 0.03, AdamW 5e-3", QUICK, _quick(300, 24, "--model.muon_lr", "0.03", "--model.learning_rate", "5e-3")),
-    ("laptop_quick.yaml (300 steps of 24, 30 warmup)", QUICK, []),
+    # the short recipe: overrides of laptop_quick.yaml; the first round on the file of 11:35 (300 steps of 24
+    # windows of 64, a 30-step warmup, Muon lr 0.04, momentum 0.95: Q300)
+    ("quick: 150 steps of 32, 10 warmup", QUICK, [*Q300, *_quick(150, 32)]),
+    (
+        "... Muon 0.06, AdamW 1e-2",
+        QUICK,
+        [*Q300, *_quick(150, 32, "--model.muon_lr", "0.06", "--model.learning_rate", "1e-2")],
+    ),
+    ("quick: 200 steps of 32, 10 warmup", QUICK, [*Q300, *_quick(200, 32)]),
+    (
+        "... Muon 0.03, AdamW 4e-3",
+        QUICK,
+        [*Q300, *_quick(200, 32, "--model.muon_lr", "0.03", "--model.learning_rate", "4e-3")],
+    ),
+    ("... 3 layers", QUICK, [*Q300, *_quick(200, 32, "--model.config.n_layer", "3")]),
+    ("quick: 100 steps of 64, 10 warmup", QUICK, [*Q300, *_quick(100, 64)]),
+    ("quick: 400 steps of 16, 10 warmup", QUICK, [*Q300, *_quick(400, 16)]),
+    ("quick: 300 steps of 24, 10 warmup", QUICK, [*Q300, *_quick(300, 24)]),
+    (
+        "... Muon 0.03, AdamW 5e-3",
+        QUICK,
+        [*Q300, *_quick(300, 24, "--model.muon_lr", "0.03", "--model.learning_rate", "5e-3")],
+    ),
+    ("laptop_quick.yaml of 11:35 (300 steps of 24, 30 warmup)", QUICK, Q300),
     (
         "... 270 steps, Muon 0.03, AdamW 5e-3",
         QUICK,
-        [*_steps(270), "--model.muon_lr", "0.03", "--model.learning_rate", "5e-3"],
+        [*Q300, *_steps(270), "--model.muon_lr", "0.03", "--model.learning_rate", "5e-3"],
     ),
-    ("... 270 steps, 50 warmup", QUICK, [*_steps(270), "--model.warmup_steps", "50"]),
-    ("... 250 steps", QUICK, _steps(250)),
-    ("... 250 steps, cooling over the last 40%", QUICK, [*_steps(250), "--model.cooldown_fraction", "0.4"]),
-    ("... 200 steps of 32", QUICK, [*_steps(200), "--data.batch_size", "32"]),
-    ("laptop_quick.yaml, no gradient clipping", QUICK, NOCLIP),
-    ("... 260 steps", QUICK, [*NOCLIP, *_steps(260)]),
+    ("... 270 steps, 50 warmup", QUICK, [*Q300, *_steps(270), "--model.warmup_steps", "50"]),
+    ("... 250 steps", QUICK, [*Q300, *_steps(250)]),
+    ("... 250 steps, cooling over the last 40%", QUICK, [*Q300, *_steps(250), "--model.cooldown_fraction", "0.4"]),
+    ("... 200 steps of 32", QUICK, [*Q300, *_steps(200), "--data.batch_size", "32"]),
+    ("laptop_quick.yaml, no gradient clipping", QUICK, [*Q300, *NOCLIP]),
+    ("... 260 steps", QUICK, [*Q300, *NOCLIP, *_steps(260)]),
+    # round 2 (laptop_quick.yaml of 13:50: 220 steps, Muon lr 0.015, momentum 0.8): Muon's momentum, then its lr
+    *[
+        (f"quick: 260 steps, Muon momentum {m}", QUICK, [*Q300, *_steps(260), "--model.muon_momentum", m])
+        for m in ("0.95", "0.9", "0.85", "0.8")
+    ],
+    *[
+        (f"quick: 250 steps, momentum 0.8, Muon lr {lr}", QUICK, [*_steps(250), "--model.muon_lr", lr])
+        for lr in ("0.04", "0.035", "0.03", "0.025")
+    ],
+    *[
+        (f"quick: 220 steps, momentum 0.8, Muon lr {lr}", QUICK, ["--model.muon_lr", lr])
+        for lr in ("0.025", "0.02", "0.015", "0.01")
+    ],
+    ("quick: 210 steps, momentum 0.8, Muon lr 0.015", QUICK, _steps(210)),
+    ("quick: 200 steps, momentum 0.8, Muon lr 0.015", QUICK, _steps(200)),
+    ("laptop_quick.yaml (220 steps, Muon lr 0.015, momentum 0.8)", QUICK, []),
 ]
 
 
