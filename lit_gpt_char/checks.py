@@ -103,7 +103,7 @@ def check_built(trainer: Trainer, model: LitGPT, data: ShakespeareDataModule, ck
         )
     if not scaled_and_clipped(trainer) or hp.fused_adamw is False:
         return []
-    why = "--trainer.precision 16-mixed scales the loss, so a fused AdamW step cannot be clipped (gradient_clip_val)"
+    why = "16-mixed precision scales the loss, so a fused AdamW step cannot be clipped (--trainer.gradient_clip_val)"
     if hp.fused_adamw:
         raise LitGPTCharError(f"{why}: use --trainer.precision bf16-mixed, or --model.fused_adamw false")
     return [f"note: {why}: AdamW takes its plain step"]

@@ -82,12 +82,12 @@ class LitGPTCLI(LightningCLI):
         try:
             super().__init__(*args, **kwargs)
         except BaseException as err:
+            self._end(not self._held.released)  # input rejected before the run began: remove its folders first
             if getattr(self, "subcommand", None) == "fit" and not is_child():  # the job's other ranks wait for it
                 publish(str(err) if isinstance(err, LitGPTCharError) else f"global rank 0 failed: {err!r}", error=True)
-            raise
-        finally:
-            self._end(not self._held.released)  # input rejected before the run began: remove its folders again
             self._held.release(show=False)  # what Lightning printed for rejected input
+            raise
+        self._end(False)  # the run is over: let it go
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -211,7 +211,8 @@ class LitGPTCLI(LightningCLI):
         if isinstance(trainer.logger, TensorBoardLogger):
             logs = f"logs in {shown(trainer.logger.log_dir)}{os.sep}"
         line += f": checkpoints in {shown(run.checkpoint_dir)}{os.sep}, {logs}"
-        trained_with = len(self._ckpt.get("rng_states", [])) if run.continues and self._ckpt else 0  # one per rank
+        states = self._ckpt.get("rng_states") if run.continues and self._ckpt else None  # one per rank that wrote it
+        trained_with = len(states) if isinstance(states, list) else 0  # older checkpoints: one dict, rank 0's
         if trained_with and trained_with != trainer.world_size:  # each rank's window stream: policy.py
             line += (
                 f"\nnote: this run trained with {trained_with} process(es) and resumes with {trainer.world_size}: "

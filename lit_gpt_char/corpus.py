@@ -142,8 +142,12 @@ def directory(root: Path, glob: Optional[str], separator: str, strict: bool, exc
             if path.is_file() and (glob is None or glob_match(glob, rel)):  # a regular file, or a link to one
                 found.append(SourceFile(path, rel, path.stat()))
     if not found:
-        matching = f" matching --data.glob {glob!r} (without '/': file names at any depth)" if glob else ""
-        raise _unusable(f"corpus directory {root} has no files{matching} (names starting with '.' are skipped)")
+        if glob:
+            raise LitGPTCharError(
+                f"corpus directory {root} has no files matching --data.glob {glob!r}; change it (a pattern without "
+                f"'/' matches file names at any depth, e.g. '*.txt')"
+            )
+        raise _unusable(f"corpus directory {root} has no files (names starting with '.' are skipped)")
     found.sort(key=lambda f: f.name.split("/"))
     return Corpus("directory", root, found, separator, glob, strict=strict)
 
@@ -152,7 +156,11 @@ def directory(root: Path, glob: Optional[str], separator: str, strict: bool, exc
 
 
 class _NotText(Exception):
-    """A file that is not UTF-8 text or cannot be read; the message says where, or why."""
+    """A file that is not UTF-8 text (the message says where) or that cannot be read (``unreadable``: it says why)."""
+
+    def __init__(self, message: str, unreadable: bool = False) -> None:
+        super().__init__(message)
+        self.what = "cannot be read" if unreadable else "is not UTF-8 text"
 
 
 def _texts(file: SourceFile, gz: bool, forbid_nul: bool) -> Iterator[tuple[bytes, str]]:
@@ -173,7 +181,7 @@ def _texts(file: SourceFile, gz: bool, forbid_nul: bool) -> Iterator[tuple[bytes
                 yield data, text
                 offset += len(data)
     except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
-        raise _NotText(f"unreadable: {getattr(err, 'strerror', None) or err}") from None
+        raise _NotText(getattr(err, "strerror", None) or str(err), unreadable=True) from None
 
 
 def _points(text: str, known: bytes = b"") -> np.ndarray:
@@ -209,7 +217,7 @@ def _scan(corpus: Corpus, bar: tqdm) -> tuple[list[SourceFile], dict]:
                 continue
             where = f"file {file.name} in corpus directory {corpus.root}" if is_dir else f"corpus {corpus.label}"
             skips = "; --data.strict false skips such files" if is_dir else ""
-            raise _unusable(f"{where} is not UTF-8 text: {err}{skips}") from None
+            raise _unusable(f"{where} {err.what}: {err}{skips}") from None
         seen |= mine
         texts.append(file)
         tokens, size = tokens + n, size + b
@@ -286,14 +294,20 @@ class TokenStore:
 
 def _cached(entry: Path, corpus: Corpus) -> tuple[Optional[dict], str]:
     """The metadata of a usable cache entry, or None and why it is rebuilt ("" when there was none)."""
+    expected = None
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # no metadata or no ids, or unreadable ones
         meta = json.loads((entry / META).read_text(encoding="utf-8"))
         if meta["fingerprint"] != corpus.fingerprint:
             return None, "the corpus changed since it was cached"
-        if (entry / IDS).stat().st_size == meta["tokens"] * np.dtype(meta["dtype"]).itemsize:
+        expected = meta["tokens"] * np.dtype(meta["dtype"]).itemsize
+        if (entry / IDS).stat().st_size == expected:
             return meta, ""
-    sizes = [f"{name} {(entry / name).stat().st_size:,} bytes" for name in (IDS, META) if (entry / name).exists()]
-    return None, f"the cache was damaged: {', '.join(sizes)}" if sizes else ""
+    sizes = []
+    for name in (IDS, META):
+        with contextlib.suppress(OSError):  # absent, or not ours to read: building it then says so in one line
+            sizes.append(f"{name} {(entry / name).stat().st_size:,} bytes")
+    said = f"; its metadata says {IDS} {expected:,}" if expected is not None else ""
+    return None, f"the cache was damaged: {', '.join(sizes)}{said}" if sizes else ""
 
 
 def open_store(corpus: Corpus, cache_dir: Path, say: Callable[[str], None] = SAY) -> TokenStore:

@@ -231,6 +231,11 @@ class ShakespeareDataModule(LightningDataModule):
             raise LitGPTCharError(f"--data.separator {separator!r}: {err.reason} (escapes as in Python)") from None
         self._train, self._windows_read = None, 0  # the training stream, windows read since the last release
 
+    def __getstate__(self) -> dict:
+        # pickled for the processes ddp_spawn starts: the training stream's view of the ids would pickle the whole
+        # corpus (its store travels as the path of its cache: corpus.TokenStore.__reduce__)
+        return {**vars(self), "_train": None}
+
     def _corpus(self) -> corpus.Corpus:
         """What to tokenize: the user's file or directory, the default file, the packaged or a downloaded corpus."""
         if self.given_path is not None and self.path.is_dir():

@@ -85,7 +85,7 @@ def subcommand_choices(parser: ArgumentParser) -> list[Action]:
 
 
 def also_accept(action: Action, typehint: Any) -> None:
-    """Let an option of jsonargparse's also take ``typehint``: its ActionTypeHint has no public setter."""
+    """Let an option of jsonargparse's also take ``typehint`` (and null): its ActionTypeHint has no public setter."""
     action._typehint = Optional[Union[typehint, action._typehint]]
 
 

@@ -85,7 +85,9 @@ class InterruptCheckpoint(Callback):
         if isinstance(exception, KeyboardInterrupt) and fitting and trainer.is_global_zero:
             # the second Ctrl-C: Lightning's own exit says nothing
             last = shown(last_checkpoint(trainer)) or "none"
-            _say(f"interrupted by Ctrl-C during step {trainer.global_step + 1}: nothing saved (last: {last})")
+            _say(
+                f"interrupted by Ctrl-C during step {trainer.global_step + 1}: nothing saved (last checkpoint: {last})"
+            )
         if not (self._stopping and isinstance(exception, SIGTERMException)):  # only our stop saves (set in fit)
             return
         path = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or "checkpoints") / "last.ckpt"

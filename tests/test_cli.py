@@ -207,7 +207,7 @@ def test_fp16_with_clipping_takes_the_plain_adamw_step(
     )
     args = ["fit", *TINY, "--config", str(fp16), "--data.path", str(corpus), "--trainer.max_steps", "10"]
     assert run_main([*args, "--sampling.final_max_new_tokens", "0"]) == 0
-    note = "note: --trainer.precision 16-mixed scales the loss, so a fused AdamW step cannot be clipped"
+    note = "note: 16-mixed precision scales the loss, so a fused AdamW step cannot be clipped"
     assert note in capsys.readouterr().out
     ckpt = torch.load(workdir / "checkpoints" / "version_0" / "last.ckpt", weights_only=True)
     assert [group["fused"] for group in ckpt["optimizer_states"][0]["param_groups"]] == [False, False]

@@ -473,6 +473,7 @@ def test_a_damaged_cache_is_rebuilt_with_a_line(damage: str, corpus: Path, tmp_p
     assert len(out) == 1 and out[0].startswith("tokenized file") and " again (the cache was damaged: " in out[0]
     if damage == "truncated":
         assert "damaged: ids.bin 1,000 bytes, meta.json " in out[0]
+        assert f"; its metadata says ids.bin {len(expected):,}): " in out[0]  # uint8 ids: one byte each
     assert torch.equal(store.ids, expected)
 
 

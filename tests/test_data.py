@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
+import pickle
 import resource
 import socket
 import threading
@@ -74,6 +75,18 @@ def test_training_stream_is_per_rank_and_resumable(corpus: Path) -> None:
     resumed.load_state_dict({"next_batch": 3})
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches[3:], resumed))
     assert rank0.state_dict() == {"next_batch": 6}
+
+
+def test_a_pickled_data_module_carries_no_corpus(corpus: Path, tmp_path: Path) -> None:
+    """ddp_spawn pickles the data module for each process it starts: the cache travels as its path, not its ids,
+    also after a training stream was made (a second launch in one process)."""
+    dm = ShakespeareDataModule(path=str(corpus), cache_dir=str(tmp_path / "cache"), block_size=8)
+    next(iter(dm.train_dataloader()))
+    sent = pickle.dumps(dm)
+    assert len(sent) < len(corpus.read_bytes()) // 10, len(sent)
+    received = pickle.loads(sent)
+    assert received.store.inode == dm.store.inode and torch.equal(received.store.ids, dm.store.ids)
+    assert received.train_dataloader().next_batch == 0
 
 
 def test_validation_windows_are_fixed_and_sharded(corpus: Path) -> None:
