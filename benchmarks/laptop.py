@@ -85,6 +85,7 @@ C23 = [*_steps(1200), *WSD, "0.5", "--model.muon_lr", "0.04", "--model.learning_
 T128 = ["--data.block_size", "128", "--data.batch_size", "16"]
 NOCLIP = ["--trainer.gradient_clip_val", "null"]
 Q300 = [*_steps(300), "--model.muon_lr", "0.04", "--model.muon_momentum", "0.95"]
+Q04 = ["--model.muon_lr", "0.04"]  # with the momentum of laptop_quick.yaml of 13:50, 0.8
 
 # (name, config, overrides): the recipes `--sweep` runs, each once
 SWEEP: list[tuple[str, str, list[str]]] = [
@@ -189,7 +190,7 @@ SWEEP: list[tuple[str, str, list[str]]] = [
     ("... 250 steps", QUICK, [*Q300, *_steps(250)]),
     ("... 250 steps, cooling over the last 40%", QUICK, [*Q300, *_steps(250), "--model.cooldown_fraction", "0.4"]),
     ("... 200 steps of 32", QUICK, [*Q300, *_steps(200), "--data.batch_size", "32"]),
-    ("laptop_quick.yaml, no gradient clipping", QUICK, [*Q300, *NOCLIP]),
+    ("laptop_quick.yaml of 11:35, no gradient clipping", QUICK, [*Q300, *NOCLIP]),
     ("... 260 steps", QUICK, [*Q300, *NOCLIP, *_steps(260)]),
     # round 2 (laptop_quick.yaml of 13:50: 220 steps, Muon lr 0.015, momentum 0.8): Muon's momentum, then its lr
     *[
@@ -203,6 +204,30 @@ SWEEP: list[tuple[str, str, list[str]]] = [
     *[
         (f"quick: 220 steps, momentum 0.8, Muon lr {lr}", QUICK, ["--model.muon_lr", lr])
         for lr in ("0.025", "0.02", "0.015", "0.01")
+    ],
+    *[
+        (f"quick: 260 steps, momentum 0.95, {' '.join(extra)}", QUICK, [*Q300, *_steps(260), *extra])
+        for extra in (
+            ["--model.cooldown_fraction", "0.6"],
+            ["--model.cooldown_fraction", "0.7"],
+            ["--model.muon_lr", "0.05"],
+            ["--model.learning_rate", "8e-3"],
+            ["--model.warmup_steps", "20"],
+            ["--model.betas", "[0.9, 0.95]"],
+            ["--model.config.n_head", "4"],
+            ["--model.weight_decay", "0.0"],
+        )
+    ],
+    *[
+        (f"quick: 250 steps, momentum 0.8, Muon lr 0.04, {' '.join(extra)}", QUICK, [*Q04, *_steps(250), *extra])
+        for extra in (
+            ["--model.cooldown_fraction", "0.4"],
+            ["--model.muon_lr", "0.05"],
+            ["--model.learning_rate", "8e-3"],
+            ["--model.warmup_steps", "20"],
+            ["--model.warmup_steps", "40"],
+            ["--model.betas", "[0.8, 0.99]"],
+        )
     ],
     ("quick: 210 steps, momentum 0.8, Muon lr 0.015", QUICK, _steps(210)),
     ("quick: 200 steps, momentum 0.8, Muon lr 0.015", QUICK, _steps(200)),
