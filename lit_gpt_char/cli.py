@@ -132,7 +132,7 @@ class LitGPTCLI(LightningCLI):
         before_instantiate_classes reads it once and checks the two against each other (checks.follow_checkpoint)."""
 
     def before_instantiate_classes(self) -> None:
-        # the progress bar redraws every 10 steps: redrawing every step costs a small CPU step ~5% (RESULTS.md).
+        # the progress bar redraws every 10 steps: redrawing every step slows a small CPU step (RESULTS.md).
         # tqdm reads this variable; set it to 1 for every step
         os.environ.setdefault("TQDM_MINITERS", "10")
         config = self.config[self.subcommand] if self.subcommand else self.config
