@@ -16,6 +16,11 @@ random-window stream, AdamW param groups, schedule, precision and gradient clipp
 forward, zero_grad, backward, clip, step, schedule; for N > 1 its processes are started by torchrun and the model is
 wrapped in DistributedDataParallel (gloo on a CPU), as Lightning's DDP does.
 
+Between the two, Lightning's Trainer alone: the same module and data through `Trainer.fit` with nothing of the
+command around it (no callback but the timer, no logger, progress bar, checkpointing or run policy; DDP as
+Lightning starts it, for N > 1). What the command adds is its row against this one; what Lightning's loop itself
+costs is this row against the plain loop.
+
 Steps are timed after a warm-up (CUDA synchronised at both ends); the two paths alternate `--repeats` times; the
 best run of each is compared (a shared machine only ever adds time), and the median ratio of back-to-back pairs is
 shown beside it.
@@ -115,6 +120,30 @@ def plain_run(config: str, steps: int, devices: int, overrides: list[str], work:
     return _run([sys.executable, *worker], work, out)
 
 
+def bare_run(config: str, steps: int, devices: int, overrides: list[str], work: Path) -> float:
+    """Seconds per step of Lightning's bare Trainer, in a fresh process (Lightning starts the others for N > 1)."""
+    work.mkdir(parents=True)
+    out = work / "seconds_per_step.json"
+    worker = [__file__, "--bare", str(out), "--devices", str(devices), "--config", config, "--steps", str(steps)]
+    return _run([sys.executable, *worker, "--", *overrides], work, out)
+
+
+def bare_loop(options: list[str], steps: int, devices: int, out: str) -> None:
+    """Lightning's Trainer around the command's module and data, and nothing else."""
+    from lit_gpt_char.cli import build_cli
+
+    cli = build_cli(options, run=False)
+    lit, built = cli.model, cli.trainer
+    lit.configure_callbacks = list  # no RunPolicy: Lightning's loop alone
+    trainer = Trainer(
+        accelerator=built.strategy.root_device.type, devices=devices, strategy="ddp" if devices > 1 else "auto",
+        precision=built.precision, gradient_clip_val=built.gradient_clip_val, max_steps=steps, limit_val_batches=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[StepTimer(out)],
+    )  # fmt: skip
+    trainer.fit(lit, cli.datamodule)
+
+
 def plain_loop(options: list[str], steps: int, out: str) -> None:
     """The plain loop, in this process: one rank of a torchrun job when it runs under one."""
     from lit_gpt_char.cli import build_cli
@@ -169,17 +198,16 @@ def plain_loop(options: list[str], steps: int, out: str) -> None:
 def measure(config: str, steps: int, repeats: int, overrides: list[str], devices: int = 1) -> dict[str, object]:
     """Both paths, alternating, ``repeats`` times each."""
     config = str(Path(config).resolve())
-    plain, lightning = [], []
+    runs = {"plain": [], "bare": [], "trainer": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats):
-            plain.append(plain_run(config, steps, devices, overrides, Path(tmp) / f"plain{i}"))
-            lightning.append(trainer_run(config, steps, devices, overrides, Path(tmp) / f"trainer{i}"))
-    return {
-        "plain": plain,
-        "trainer": lightning,
-        "best_ratio": min(lightning) / min(plain),
-        "pair_ratio": statistics.median(t / p for p, t in zip(plain, lightning)),
-    }
+            for path, run in (("plain", plain_run), ("bare", bare_run), ("trainer", trainer_run)):
+                runs[path].append(run(config, steps, devices, overrides, Path(tmp) / f"{path}{i}"))
+    plain = runs["plain"]
+    for path in ("bare", "trainer"):
+        runs[f"{path}_best_ratio"] = min(runs[path]) / min(plain)
+        runs[f"{path}_pair_ratio"] = statistics.median(t / p for p, t in zip(plain, runs[path]))
+    return runs
 
 
 def main() -> None:
@@ -192,11 +220,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--devices", type=int, nargs="+", default=[1], help="one table each: 1, or N DDP processes")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # the plain loop's own process: write its result here
+    parser.add_argument("--bare", help=argparse.SUPPRESS)  # the bare Trainer's process: write its result here
     args = parser.parse_args(argv)
     if args.steps <= WARMUP:
         parser.error(f"--steps must be more than the {WARMUP} warm-up steps")
     if args.worker:
         return plain_loop(_options(args.config, args.steps, 1, []) + overrides, args.steps, args.worker)
+    if args.bare:
+        return bare_loop(_options(args.config, args.steps, 1, []) + overrides, args.steps, args.devices[0], args.bare)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
     print(f"# {device}, {os.cpu_count()} CPU cores, torch {torch.__version__}; {args.config} {' '.join(overrides)}")
@@ -204,16 +235,18 @@ def main() -> None:
     print("# process; best-of-runs (as timeit) is the headline: a shared machine only ever adds time")
     for devices in args.devices:
         result = measure(args.config, args.steps, args.repeats, overrides, devices)
-        plain, lightning = result["plain"], result["trainer"]
+        plain = result["plain"]
         what = "1 process" if devices == 1 else f"{devices} processes, DDP (gloo on a CPU)"
         print(f"\n## {what}. ms/step, plain: {', '.join(f'{v * 1e3:.2f}' for v in plain)}")
-        print(f"##   Trainer: {', '.join(f'{v * 1e3:.2f}' for v in lightning)}\n")
+        print(f"##   bare Trainer: {', '.join(f'{v * 1e3:.2f}' for v in result['bare'])}")
+        print(f"##   Trainer: {', '.join(f'{v * 1e3:.2f}' for v in result['trainer'])}\n")
         print("| loop | ms / step (best) | ratio (best / best) | ratio (median of back-to-back pairs) |")
         print("|---|---|---|---|")
         plain_name = "plain PyTorch" if devices == 1 else "plain PyTorch + DistributedDataParallel (torchrun)"
         print(f"| {plain_name} | {min(plain) * 1e3:.2f} | 1.000 | 1.000 |")
-        ratios = f"{result['best_ratio']:.3f} | {result['pair_ratio']:.3f}"
-        print(f"| `lit-gpt-char fit` (Lightning Trainer) | {min(lightning) * 1e3:.2f} | {ratios} |")
+        for path, name in (("bare", "Lightning's bare Trainer"), ("trainer", "`lit-gpt-char fit` (Lightning Trainer)")):
+            ratios = f"{result[path + '_best_ratio']:.3f} | {result[path + '_pair_ratio']:.3f}"
+            print(f"| {name} | {min(result[path]) * 1e3:.2f} | {ratios} |")
 
 
 if __name__ == "__main__":

@@ -46,9 +46,12 @@ def test_laptop_script_at_toy_size() -> None:
 
 
 def test_trainer_overhead_script_at_toy_size() -> None:
-    """benchmarks/trainer_overhead.py times the real command and the plain loop, 1 process and 2 under DDP."""
+    """benchmarks/trainer_overhead.py times the real command, Lightning's bare Trainer and the plain loop, 1 process
+    and 2 under DDP."""
     toy = ["--model.config.n_embd", "16", "--model.config.n_head", "2", "--model.config.n_layer", "1"]
     out = _run("trainer_overhead.py", "--steps", "60", "--repeats", "1", "--devices", "1", "2", "--", *toy)
     rows = [line for line in out.splitlines() if line.startswith("| `lit-gpt-char fit` (Lightning Trainer) |")]
     assert len(rows) == 2 and all(float(row.split("|")[3]) > 0 for row in rows), out
+    bare = [line for line in out.splitlines() if line.startswith("| Lightning's bare Trainer |")]
+    assert len(bare) == 2 and all(float(row.split("|")[3]) > 0 for row in bare), out
     assert "| plain PyTorch + DistributedDataParallel (torchrun) |" in out
