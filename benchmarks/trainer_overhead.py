@@ -16,14 +16,14 @@ random-window stream, AdamW param groups, schedule, precision and gradient clipp
 forward, zero_grad, backward, clip, step, schedule; for N > 1 its processes are started by torchrun and the model is
 wrapped in DistributedDataParallel (gloo on a CPU), as Lightning's DDP does.
 
-Between the two, Lightning's Trainer alone: the same module and data through `Trainer.fit` with nothing of the
-command around it (no callback but the timer, no logger, progress bar, checkpointing or run policy; DDP as
-Lightning starts it, for N > 1). What the command adds is its row against this one; what Lightning's loop itself
-costs is this row against the plain loop.
+Between the two, Lightning's bare Trainer: the Trainer the command builds (the same devices, strategy, precision,
+clipping and accumulation) with every callback but the timer removed, no logger, and a `training_step` that only
+returns the loss (no running train loss, no `self.log`, no run policy). It is what Lightning's loop costs by itself:
+the target for the command cannot be lower than this row, and what the command adds is its row against this one.
 
-Steps are timed after a warm-up (CUDA synchronised at both ends); the two paths alternate `--repeats` times; the
-best run of each is compared (a shared machine only ever adds time), and the median ratio of back-to-back pairs is
-shown beside it.
+Steps are timed after a warm-up (CUDA synchronised at both ends); the paths run in turn, plain loop, command, bare
+Trainer, `--repeats` times; the best run of each is compared (a shared machine only ever adds time), and beside it
+the median ratio of the pairs of one round (the plain loop and the command run back to back).
 """
 
 from __future__ import annotations
@@ -128,19 +128,16 @@ def bare_run(config: str, steps: int, devices: int, overrides: list[str], work: 
     return _run([sys.executable, *worker, "--", *overrides], work, out)
 
 
-def bare_loop(options: list[str], steps: int, devices: int, out: str) -> None:
-    """Lightning's Trainer around the command's module and data, and nothing else."""
+def bare_loop(options: list[str], out: str) -> None:
+    """The command's Trainer, module and data with everything the command adds to Lightning's loop taken out, so
+    that what is left is the loop's own cost (Lightning starts the other processes for N > 1, running this again)."""
     from lit_gpt_char.cli import build_cli
 
-    cli = build_cli(options, run=False)
-    lit, built = cli.model, cli.trainer
-    lit.configure_callbacks = list  # no RunPolicy: Lightning's loop alone
-    trainer = Trainer(
-        accelerator=built.strategy.root_device.type, devices=devices, strategy="ddp" if devices > 1 else "auto",
-        precision=built.precision, gradient_clip_val=built.gradient_clip_val, max_steps=steps, limit_val_batches=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[StepTimer(out)],
-    )  # fmt: skip
+    cli = build_cli([*options, "--trainer.logger", "false"], run=False)
+    trainer, lit = cli.trainer, cli.model
+    trainer.callbacks = [StepTimer(out)]  # not the bar, the checkpoint, sampling, interrupt and monitor callbacks
+    lit.configure_callbacks = list  # nor the run policy
+    lit.training_step = lambda batch, batch_idx: lit._forward(*batch)[1]  # nor the running train loss, its logs
     trainer.fit(lit, cli.datamodule)
 
 
@@ -196,12 +193,12 @@ def plain_loop(options: list[str], steps: int, out: str) -> None:
 
 
 def measure(config: str, steps: int, repeats: int, overrides: list[str], devices: int = 1) -> dict[str, object]:
-    """Both paths, alternating, ``repeats`` times each."""
+    """The three paths in turn, ``repeats`` times each."""
     config = str(Path(config).resolve())
     runs = {"plain": [], "bare": [], "trainer": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats):
-            for path, run in (("plain", plain_run), ("bare", bare_run), ("trainer", trainer_run)):
+            for path, run in (("plain", plain_run), ("trainer", trainer_run), ("bare", bare_run)):
                 runs[path].append(run(config, steps, devices, overrides, Path(tmp) / f"{path}{i}"))
     plain = runs["plain"]
     for path in ("bare", "trainer"):
@@ -227,11 +224,11 @@ def main() -> None:
     if args.worker:
         return plain_loop(_options(args.config, args.steps, 1, []) + overrides, args.steps, args.worker)
     if args.bare:
-        return bare_loop(_options(args.config, args.steps, 1, []) + overrides, args.steps, args.devices[0], args.bare)
+        return bare_loop(_options(args.config, args.steps, args.devices[0], []) + overrides, args.bare)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
     print(f"# {device}, {os.cpu_count()} CPU cores, torch {torch.__version__}; {args.config} {' '.join(overrides)}")
-    print(f"# {args.steps - WARMUP} timed steps per run, {args.repeats} runs of each path, alternating, each a fresh")
+    print(f"# {args.steps - WARMUP} timed steps per run, {args.repeats} runs of each path, in turn, each a fresh")
     print("# process; best-of-runs (as timeit) is the headline: a shared machine only ever adds time")
     for devices in args.devices:
         result = measure(args.config, args.steps, args.repeats, overrides, devices)
@@ -240,7 +237,7 @@ def main() -> None:
         print(f"\n## {what}. ms/step, plain: {', '.join(f'{v * 1e3:.2f}' for v in plain)}")
         print(f"##   bare Trainer: {', '.join(f'{v * 1e3:.2f}' for v in result['bare'])}")
         print(f"##   Trainer: {', '.join(f'{v * 1e3:.2f}' for v in result['trainer'])}\n")
-        print("| loop | ms / step (best) | ratio (best / best) | ratio (median of back-to-back pairs) |")
+        print("| loop | ms / step (best) | ratio (best / best) | ratio (median of the rounds' pairs) |")
         print("|---|---|---|---|")
         plain_name = "plain PyTorch" if devices == 1 else "plain PyTorch + DistributedDataParallel (torchrun)"
         print(f"| {plain_name} | {min(plain) * 1e3:.2f} | 1.000 | 1.000 |")

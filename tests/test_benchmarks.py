@@ -50,8 +50,9 @@ def test_trainer_overhead_script_at_toy_size() -> None:
     and 2 under DDP."""
     toy = ["--model.config.n_embd", "16", "--model.config.n_head", "2", "--model.config.n_layer", "1"]
     out = _run("trainer_overhead.py", "--steps", "60", "--repeats", "1", "--devices", "1", "2", "--", *toy)
-    rows = [line for line in out.splitlines() if line.startswith("| `lit-gpt-char fit` (Lightning Trainer) |")]
-    assert len(rows) == 2 and all(float(row.split("|")[3]) > 0 for row in rows), out
-    bare = [line for line in out.splitlines() if line.startswith("| Lightning's bare Trainer |")]
-    assert len(bare) == 2 and all(float(row.split("|")[3]) > 0 for row in bare), out
+    # ten timed steps are noise (one slow step moves a ratio tenfold): this checks that each path runs at both sizes
+    # of job and gets its row
+    for name in ("`lit-gpt-char fit` (Lightning Trainer)", "Lightning's bare Trainer"):
+        rows = [line for line in out.splitlines() if line.startswith(f"| {name} |")]
+        assert len(rows) == 2 and all(float(row.split("|")[3]) > 0 for row in rows), out
     assert "| plain PyTorch + DistributedDataParallel (torchrun) |" in out
