@@ -76,7 +76,7 @@ def main() -> None:
             on = timed_fit(args.config, [*extra, "--trainer.callbacks", "[]"], Path(tmp) / "on")
             step, val, t = min(on["vals"], key=lambda r: r[1])
             lines.append(f"| run on to max_steps: best val | {val:.4f} at step {step} ({t:.1f} s) |")
-    loop = measure(str(ROOT / "configs" / "nanogpt.yaml"), 60 if args.tiny else 600, 2 if args.tiny else 3, extra)
+    loop = measure(str(ROOT / "configs" / "nanogpt.yaml"), 60 if args.tiny else 600, 1 if args.tiny else 3, extra)
     lines.append(f"| nanoGPT model: plain loop, ms/step (best) | {min(loop['plain']) * 1e3:.2f} |")
     for path, name in (("bare", "Lightning's bare Trainer"), ("trainer", "Trainer")):
         lines.append(f"| nanoGPT model: {name}, ms/step (best) | {min(loop[path]) * 1e3:.2f} |")
