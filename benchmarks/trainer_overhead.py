@@ -91,41 +91,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(command: list[str], work: Path, out: Path) -> float:
+OUT = "seconds_per_step.json"  # each run's result, in its own working directory (so also that of its DDP processes)
+
+
+def _run(command: list[str], work: Path) -> float:
+    work.mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
     result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return json.loads(out.read_text())
+    return json.loads((work / OUT).read_text())
 
 
 def trainer_run(config: str, steps: int, devices: int, overrides: list[str], work: Path) -> float:
     """Seconds per step of `python -m lit_gpt_char fit`, in a fresh process (and its DDP processes)."""
-    work.mkdir(parents=True)
-    out = work / "seconds_per_step.json"
-    timer = ["--trainer.callbacks+=trainer_overhead.StepTimer", "--trainer.callbacks.out", str(out)]
+    timer = ["--trainer.callbacks+=trainer_overhead.StepTimer", "--trainer.callbacks.out", OUT]
     command = [sys.executable, "-m", "lit_gpt_char", "fit", *_options(config, steps, devices, overrides), *timer]
-    return _run(command, work, out)
+    return _run(command, work)
 
 
 def plain_run(config: str, steps: int, devices: int, overrides: list[str], work: Path) -> float:
     """Seconds per step of the plain loop, in a fresh process (under torchrun for devices > 1)."""
-    work.mkdir(parents=True)
-    out = work / "seconds_per_step.json"
-    worker = [__file__, "--worker", str(out), "--config", config, "--steps", str(steps), "--", *overrides]
+    worker = [__file__, "--worker", OUT, "--config", config, "--steps", str(steps), "--", *overrides]
     if devices > 1:
         launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(devices), "--master-port", str(_free_port())]
         worker = [*launcher, *worker, "--trainer.strategy", "ddp", "--trainer.devices", str(devices)]
         worker += ["--trainer.accelerator", "cpu"]
-    return _run([sys.executable, *worker], work, out)
+    return _run([sys.executable, *worker], work)
 
 
 def bare_run(config: str, steps: int, devices: int, overrides: list[str], work: Path) -> float:
     """Seconds per step of Lightning's bare Trainer, in a fresh process (Lightning starts the others for N > 1)."""
-    work.mkdir(parents=True)
-    out = work / "seconds_per_step.json"
-    worker = [__file__, "--bare", str(out), "--devices", str(devices), "--config", config, "--steps", str(steps)]
-    return _run([sys.executable, *worker, "--", *overrides], work, out)
+    worker = [__file__, "--bare", OUT, "--devices", str(devices), "--config", config, "--steps", str(steps)]
+    return _run([sys.executable, *worker, "--", *overrides], work)
 
 
 def bare_loop(options: list[str], out: str) -> None:
